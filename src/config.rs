@@ -1,0 +1,395 @@
+//! The TOML config file (CONTRACT.md, "The config file").
+//!
+//! Every table rejects unknown keys so that a typo is an error naming the key
+//! instead of a silently ignored setting. Relative paths are resolved against
+//! the folder that holds the config file.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::identity::{Identity, parse_http_url};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config {path}: {message}")]
+    Invalid { path: PathBuf, message: String },
+}
+
+/// The whole config, validated, with absolute paths.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub server: ServerConfig,
+    #[serde(default)]
+    pub network: NetworkConfig,
+    #[serde(default, rename = "site")]
+    pub sites: Vec<SiteConfig>,
+    #[serde(default)]
+    pub delivery: DeliveryConfig,
+    #[serde(default)]
+    pub limits: LimitsConfig,
+    #[serde(default)]
+    pub auth: AuthConfig,
+    /// The config file itself, set by [`Config::load`].
+    #[serde(skip)]
+    pub path: PathBuf,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// Address and port to bind; port 0 picks any free port.
+    pub listen: String,
+    /// Folder of the redb database.
+    pub data_dir: PathBuf,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            listen: "127.0.0.1:7373".into(),
+            data_dir: "data".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NetworkConfig {
+    /// Lets outbound fetches reach loopback and private addresses.
+    pub allow_private: bool,
+}
+
+/// Which flow this server starts as a sender.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Flow {
+    /// One handshake, then many messages under a channel token.
+    #[default]
+    Channel,
+    /// The six-step handshake for every message.
+    Message,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DeliveryConfig {
+    pub flow: Flow,
+    /// First retry delay in seconds; doubles each attempt, with jitter.
+    pub retry_initial_secs: f64,
+    /// Longest delay between two attempts, in seconds.
+    pub retry_max_secs: f64,
+    /// How long a message is retried before it is marked failed (at least 3 days by default).
+    pub give_up_after_secs: f64,
+    /// Re-send the notify when no push has come this long after it.
+    pub renotify_after_secs: f64,
+    /// Lifetime of the channel tokens this server issues as a receiver (60..=604800).
+    pub channel_token_secs: u64,
+}
+
+impl Default for DeliveryConfig {
+    fn default() -> Self {
+        DeliveryConfig {
+            flow: Flow::Channel,
+            retry_initial_secs: 30.0,
+            retry_max_secs: 3600.0,
+            give_up_after_secs: 4.0 * 86400.0,
+            renotify_after_secs: 900.0,
+            channel_token_secs: 86400,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// Largest message text accepted in step 6, in bytes.
+    pub max_content_bytes: usize,
+    /// Notifies accepted per sender host per minute.
+    pub notify_per_minute_per_host: u32,
+    /// Notifies accepted per client address per minute.
+    pub notify_per_minute_per_client: u32,
+    /// Discovery fetches in flight at once, for all notifies together.
+    pub discovery_in_flight: usize,
+    /// Open connections at once; more wait in the kernel's backlog.
+    pub max_connections: usize,
+    /// Seconds a client has to send its request headers.
+    pub header_timeout_secs: u64,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            max_content_bytes: 64 * 1024,
+            notify_per_minute_per_host: 60,
+            notify_per_minute_per_client: 120,
+            discovery_in_flight: 32,
+            max_connections: 1024,
+            header_timeout_secs: 10,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    /// Micropub bearer tokens as `sha256:<hex>`; they act for the first site.
+    pub tokens: Vec<String>,
+    /// Optional IndieAuth token endpoint to verify other bearer tokens.
+    pub token_endpoint: Option<String>,
+    /// Web UI password as an argon2 PHC string (`indiepm password` makes one).
+    pub password: Option<String>,
+}
+
+/// Front matter flavor: what keeps the generator from publishing a message file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Flavor {
+    #[default]
+    Hugo,
+    Zola,
+    Jekyll,
+    Eleventy,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SiteConfig {
+    /// The owner's identity (homepage) URL.
+    pub me: String,
+    /// This server's PM endpoint for the site, as published in rel=pm.
+    pub endpoint: String,
+    /// The static site's content folder.
+    pub content_dir: PathBuf,
+    /// Folder under `content_dir` for received messages.
+    #[serde(default)]
+    pub inbox: Option<PathBuf>,
+    /// Folder under `content_dir` for copies of sent messages.
+    #[serde(default)]
+    pub sent: Option<PathBuf>,
+    #[serde(default)]
+    pub flavor: Flavor,
+    /// Micropub tokens that act for this site alone.
+    #[serde(default)]
+    pub tokens: Vec<String>,
+    /// Senders refused by this site: identity URLs or domains (a domain covers its subdomains).
+    #[serde(default)]
+    pub block: Vec<String>,
+    /// A command run with the new message file's path as its argument.
+    #[serde(default)]
+    pub on_message: Option<String>,
+    /// A URL that gets a JSON POST for every new message.
+    #[serde(default)]
+    pub webhook: Option<String>,
+}
+
+impl SiteConfig {
+    pub fn identity(&self) -> Identity {
+        // Validated in `Config::validate`, so this parse cannot fail afterwards.
+        Identity::parse(&self.me).unwrap_or_else(|_| unreachable!("validated at load"))
+    }
+
+    /// The inbox folder: `content_dir/inbox` unless the config names another.
+    pub fn inbox_dir(&self) -> PathBuf {
+        self.content_dir
+            .join(self.inbox.clone().unwrap_or_else(|| "inbox".into()))
+    }
+
+    /// The sent folder, beside the inbox.
+    pub fn sent_dir(&self) -> PathBuf {
+        self.content_dir
+            .join(self.sent.clone().unwrap_or_else(|| "sent".into()))
+    }
+}
+
+impl Config {
+    /// Reads, parses and validates a config file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Config::parse(&text, path)
+    }
+
+    /// Parses config text as if it were read from `path`.
+    pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        let invalid = |message: String| ConfigError::Invalid {
+            path: path.to_path_buf(),
+            message,
+        };
+        let mut config: Config = toml::from_str(text).map_err(|e| invalid(one_line(&e)))?;
+        config.path = path.to_path_buf();
+        let base = path
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        config.server.data_dir = base.join(&config.server.data_dir);
+        for site in &mut config.sites {
+            site.content_dir = base.join(&site.content_dir);
+        }
+        config.validate().map_err(invalid)?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        self.listen_addr()?;
+        if self.sites.is_empty() {
+            return Err(
+                "no [[site]]: add at least one with `me`, `endpoint` and `content_dir`".into(),
+            );
+        }
+        for site in &self.sites {
+            Identity::parse(&site.me).map_err(|e| format!("[[site]] me: {e}"))?;
+            parse_http_url(&site.endpoint).map_err(|e| format!("[[site]] endpoint: {e}"))?;
+            for dir in [&site.inbox, &site.sent].into_iter().flatten() {
+                if dir.is_absolute()
+                    || dir
+                        .components()
+                        .any(|c| !matches!(c, std::path::Component::Normal(_)))
+                {
+                    return Err(format!(
+                        "[[site]] inbox/sent `{}` must be a plain folder name under content_dir",
+                        dir.display()
+                    ));
+                }
+            }
+            if let Some(hook) = &site.webhook {
+                parse_http_url(hook).map_err(|e| format!("[[site]] webhook: {e}"))?;
+            }
+            for t in &site.tokens {
+                check_token_hash(t)?;
+            }
+        }
+        let mut seen = std::collections::HashSet::new();
+        for site in &self.sites {
+            if !seen.insert(site.identity()) {
+                return Err(format!("two [[site]]s have the same `me` {}", site.me));
+            }
+        }
+        for t in &self.auth.tokens {
+            check_token_hash(t)?;
+        }
+        if let Some(ep) = &self.auth.token_endpoint {
+            parse_http_url(ep).map_err(|e| format!("[auth] token_endpoint: {e}"))?;
+        }
+        let d = &self.delivery;
+        if !(60..=604_800).contains(&d.channel_token_secs) {
+            return Err("[delivery] channel_token_secs must be from 60 to 604800".into());
+        }
+        for (name, v) in [
+            ("retry_initial_secs", d.retry_initial_secs),
+            ("retry_max_secs", d.retry_max_secs),
+            ("give_up_after_secs", d.give_up_after_secs),
+            ("renotify_after_secs", d.renotify_after_secs),
+        ] {
+            if !(v.is_finite() && v > 0.0) {
+                return Err(format!(
+                    "[delivery] {name} must be a positive number of seconds"
+                ));
+            }
+        }
+        if self.limits.max_connections == 0 || self.limits.discovery_in_flight == 0 {
+            return Err(
+                "[limits] max_connections and discovery_in_flight must be at least 1".into(),
+            );
+        }
+        Ok(())
+    }
+
+    /// The `[server] listen` address.
+    pub fn listen_addr(&self) -> Result<SocketAddr, String> {
+        self.server.listen.parse().map_err(|_| {
+            format!(
+                "[server] listen `{}` is not an address:port such as 127.0.0.1:7373",
+                self.server.listen
+            )
+        })
+    }
+
+    /// The site whose identity is `me`.
+    pub fn site(&self, me: &Identity) -> Option<&SiteConfig> {
+        self.sites.iter().find(|s| &s.identity() == me)
+    }
+}
+
+/// `sha256:` followed by 64 hex digits.
+fn check_token_hash(t: &str) -> Result<(), String> {
+    match t.strip_prefix("sha256:") {
+        Some(h) if h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit()) => Ok(()),
+        _ => Err(format!(
+            "token `{t}` must be `sha256:` and 64 hex digits (run `indiepm token` to make one)"
+        )),
+    }
+}
+
+fn one_line(e: &toml::de::Error) -> String {
+    let mut msg = e.message().to_string();
+    if let Some(span) = e.span() {
+        msg = format!("{msg} (at byte {})", span.start);
+    }
+    msg
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MIN: &str = r#"
+[server]
+listen = "127.0.0.1:0"
+data_dir = "state"
+
+[[site]]
+me = "https://Alice.example.org"
+endpoint = "https://pm.alice.example.uk/"
+content_dir = "site/content"
+"#;
+
+    #[test]
+    fn relative_paths_follow_the_config_file() {
+        let c = Config::parse(MIN, Path::new("/etc/indiepm/pm.toml")).unwrap();
+        assert_eq!(c.server.data_dir, Path::new("/etc/indiepm/state"));
+        assert_eq!(
+            c.sites[0].inbox_dir(),
+            Path::new("/etc/indiepm/site/content/inbox")
+        );
+        assert_eq!(c.sites[0].identity().as_str(), "https://alice.example.org/");
+        assert_eq!(c.delivery.flow, Flow::Channel);
+    }
+
+    #[test]
+    fn unknown_keys_are_named() {
+        let text = format!("{MIN}\nflavour = \"hugo\"\n");
+        let err = Config::parse(&text, Path::new("x.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("flavour"), "{err}");
+    }
+
+    #[test]
+    fn inbox_cannot_escape_content_dir() {
+        let text = format!("{MIN}inbox = \"../etc\"\n");
+        let err = Config::parse(&text, Path::new("x.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("plain folder"), "{err}");
+    }
+
+    #[test]
+    fn bad_token_hash_is_refused() {
+        let text = MIN.replace("[server]", "[auth]\ntokens = [\"abc\"]\n[server]");
+        let err = Config::parse(&text, Path::new("x.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("indiepm token"), "{err}");
+    }
+}

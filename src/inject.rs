@@ -1,0 +1,1 @@
+//! Build-time injection of rel=pm links (being written).

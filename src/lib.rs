@@ -1,0 +1,18 @@
+//! indiepm: private messages for static sites, following the IndieWeb rel=pm design.
+//!
+//! The library holds everything; `src/main.rs` only parses the command line.
+//! Map of the crate:
+//!
+//! - [`config`]: the TOML config file of CONTRACT.md.
+//! - [`identity`]: canonical identity URLs and endpoint comparison.
+//! - [`fetch`]: the one safe outbound HTTP client (limits, private-address guard).
+//! - [`discover`]: rel=pm endpoint discovery.
+//! - [`inject`]: the build-time plugin that adds `<link rel="pm">` to a built site.
+//! - [`cmd`]: one module per subcommand of the binary.
+
+pub mod cmd;
+pub mod config;
+pub mod discover;
+pub mod fetch;
+pub mod identity;
+pub mod inject;

@@ -1,0 +1,40 @@
+//! The `indiepm` binary: parses the command line and hands over to the library.
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use indiepm::cmd;
+
+/// Private messages for static sites (IndieWeb rel=pm).
+///
+/// Advertise a PM endpoint on every page of your built site with `inject`,
+/// run the PM server with `serve`, and write to other sites with `send`.
+/// `indiepm demo` shows the whole exchange on this machine with no set-up.
+#[derive(Debug, Parser)]
+#[command(name = "indiepm", version, propagate_version = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    Inject(cmd::inject::Args),
+    Discover(cmd::discover::Args),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Inject(args) => cmd::inject::run(args),
+        Command::Discover(args) => cmd::discover::run(args),
+    };
+    match result {
+        Ok(code) => code,
+        Err(err) => {
+            // One line that says what to fix: the error and its causes, joined.
+            eprintln!("indiepm: error: {err:#}");
+            ExitCode::from(2)
+        }
+    }
+}
