@@ -8,6 +8,8 @@
 //! - [`fetch`]: the one safe outbound HTTP client (limits, private-address guard).
 //! - [`discover`]: rel=pm endpoint discovery.
 //! - [`inject`]: the build-time plugin that adds `<link rel="pm">` to a built site.
+//! - [`protocol`]: wire types, validation and the JSON errors of PROTOCOL.md.
+//! - [`store`]: durable state in redb (queue, tokens, codes, received messages).
 //! - [`cmd`]: one module per subcommand of the binary.
 
 pub mod cmd;
@@ -16,3 +18,5 @@ pub mod discover;
 pub mod fetch;
 pub mod identity;
 pub mod inject;
+pub mod protocol;
+pub mod store;

@@ -1,0 +1,609 @@
+//! Durable state in redb: the outgoing queue, issued tokens and codes,
+//! channel tokens, and the record of received messages.
+//!
+//! Records are JSON values under string keys: readable in a debugger and
+//! free to grow a field without a migration. Writes go through one writer
+//! thread that commits whatever is queued in a single transaction (group
+//! commit): every caller still waits for its own data to be durable, but a
+//! burst of a thousand messages costs a handful of fsyncs instead of a
+//! thousand. Writes are closures that only read and write tables; they
+//! never fail for reasons of logic, so a failed batch is a storage failure
+//! and every caller in it gets the error.
+
+use std::path::Path;
+use std::sync::{Arc, mpsc};
+
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction};
+use serde::{Deserialize, Serialize, de::DeserializeOwned};
+use tokio::sync::oneshot;
+
+/// Outgoing messages by ID, delivered or not (the outbox).
+const OUTBOX: TableDefinition<&str, &[u8]> = TableDefinition::new("outbox");
+/// IDs of outgoing messages still to deliver: the queue the sender resumes.
+const PENDING: TableDefinition<&str, u8> = TableDefinition::new("pending");
+/// Received messages by `sender \n message-id`.
+const RECEIVED: TableDefinition<&str, &[u8]> = TableDefinition::new("received");
+/// Tokens this server issued as a receiver, by SHA-256 (never the token itself).
+const TOKENS: TableDefinition<&str, &[u8]> = TableDefinition::new("tokens");
+/// Receiver handshakes by `sender \n message-or-code`: hash of the last token issued.
+const HANDSHAKES: TableDefinition<&str, &str> = TableDefinition::new("handshakes");
+/// Authorization codes this server issued as a sender, by SHA-256.
+const CODES: TableDefinition<&str, &[u8]> = TableDefinition::new("codes");
+/// Channel tokens this server holds as a sender, by `sender \n recipient`.
+const CHANNELS: TableDefinition<&str, &[u8]> = TableDefinition::new("channels");
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database: {0}")]
+    Db(String),
+    #[error("database writer has stopped")]
+    Closed,
+}
+
+impl From<redb::Error> for StoreError {
+    fn from(e: redb::Error) -> Self {
+        StoreError::Db(e.to_string())
+    }
+}
+
+macro_rules! from_redb {
+    ($($t:ty),*) => {$(
+        impl From<$t> for StoreError {
+            fn from(e: $t) -> Self { StoreError::Db(e.to_string()) }
+        }
+    )*};
+}
+from_redb!(
+    redb::DatabaseError,
+    redb::TransactionError,
+    redb::TableError,
+    redb::StorageError,
+    redb::CommitError
+);
+
+pub type Result<T> = std::result::Result<T, StoreError>;
+
+/// Where an outgoing message stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum State {
+    Queued,
+    Notified,
+    Delivered,
+    Failed,
+}
+
+impl State {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            State::Queued => "queued",
+            State::Notified => "notified",
+            State::Delivered => "delivered",
+            State::Failed => "failed",
+        }
+    }
+}
+
+/// An outgoing message and its delivery state (step 0 stores it).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct OutMessage {
+    pub id: String,
+    pub sender: String,
+    pub recipient: String,
+    pub content: String,
+    pub name: Option<String>,
+    pub in_reply_to: Option<String>,
+    /// RFC 3339 creation time, sent as `published`.
+    pub published: String,
+    /// "channel" or "message": the flow chosen when it was created.
+    pub flow: String,
+    pub state: State,
+    pub attempts: u32,
+    pub last_error: Option<String>,
+    /// Unix milliseconds of the next attempt.
+    pub next_attempt_ms: i64,
+    pub created_ms: i64,
+    pub notified_ms: Option<i64>,
+    pub delivered_ms: Option<i64>,
+}
+
+/// A token this server issued as a receiver (steps 4 and 6).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct IssuedToken {
+    /// `message` (single use) or `channel`.
+    pub kind: String,
+    pub sender: String,
+    pub recipient: String,
+    /// The message it was issued for (message flow).
+    pub message: Option<String>,
+    pub issued_ms: i64,
+    pub expires_ms: i64,
+    pub used: bool,
+    /// From the sender's h-card when the handshake ran.
+    pub sender_name: Option<String>,
+    pub sender_photo: Option<String>,
+}
+
+/// A received message: where its file is and which token brought it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Received {
+    pub recipient: String,
+    pub path: String,
+    pub token_hash: String,
+    pub received_ms: i64,
+}
+
+/// An authorization code this server issued as a sender (channel flow, step 2).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Code {
+    pub sender: String,
+    pub recipient: String,
+    pub issued_ms: i64,
+    pub used: bool,
+}
+
+/// A channel token held as a sender (channel flow, step 5).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Channel {
+    pub token: String,
+    pub endpoint: String,
+    pub expires_ms: i64,
+}
+
+/// Outcome of recording a received message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RecordOutcome {
+    Created,
+    AlreadyReceived,
+}
+
+type Job = Box<dyn FnOnce(&WriteTransaction) -> Result<Reply> + Send>;
+type Reply = Box<dyn FnOnce(Result<()>) + Send>;
+
+/// The database handle. Clone freely.
+#[derive(Clone)]
+pub struct Store {
+    db: Arc<Database>,
+    writer: mpsc::Sender<Job>,
+}
+
+/// Most writes committed together in one transaction.
+const MAX_BATCH: usize = 512;
+
+fn key2(a: &str, b: &str) -> String {
+    format!("{a}\n{b}")
+}
+
+fn to_json<T: Serialize>(v: &T) -> Vec<u8> {
+    // Serialising these plain structs to JSON cannot fail.
+    serde_json::to_vec(v).unwrap_or_default()
+}
+
+fn from_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T> {
+    serde_json::from_slice(bytes).map_err(|e| StoreError::Db(format!("corrupt record: {e}")))
+}
+
+impl Store {
+    /// Opens (or creates) `dir/indiepm.redb` and starts the writer thread.
+    pub fn open(dir: &Path) -> Result<Store> {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| StoreError::Db(format!("cannot create {}: {e}", dir.display())))?;
+        let db = Database::create(dir.join("indiepm.redb"))?;
+        let txn = db.begin_write()?;
+        txn.open_table(OUTBOX)?;
+        txn.open_table(PENDING)?;
+        txn.open_table(RECEIVED)?;
+        txn.open_table(TOKENS)?;
+        txn.open_table(HANDSHAKES)?;
+        txn.open_table(CODES)?;
+        txn.open_table(CHANNELS)?;
+        txn.commit()?;
+        let db = Arc::new(db);
+        let (writer, jobs) = mpsc::channel::<Job>();
+        let thread_db = db.clone();
+        std::thread::Builder::new()
+            .name("indiepm-store".into())
+            .spawn(move || write_loop(&thread_db, jobs))
+            .map_err(|e| StoreError::Db(format!("cannot start the writer thread: {e}")))?;
+        Ok(Store { db, writer })
+    }
+
+    /// Runs `f` in the next group-committed write transaction and returns its
+    /// value once the transaction is durable.
+    pub async fn write<T, F>(&self, f: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&WriteTransaction) -> Result<T> + Send + 'static,
+    {
+        let (tx, rx) = oneshot::channel();
+        let job: Job = Box::new(move |txn| {
+            let value = f(txn)?;
+            Ok(Box::new(move |committed: Result<()>| {
+                let _ = tx.send(committed.map(|()| value));
+            }) as Reply)
+        });
+        self.writer.send(job).map_err(|_| StoreError::Closed)?;
+        rx.await.map_err(|_| StoreError::Closed)?
+    }
+
+    fn read_json<T: DeserializeOwned>(
+        &self,
+        table: TableDefinition<&str, &[u8]>,
+        key: &str,
+    ) -> Result<Option<T>> {
+        let txn = self.db.begin_read()?;
+        let t = txn.open_table(table)?;
+        match t.get(key)? {
+            Some(v) => Ok(Some(from_json(v.value())?)),
+            None => Ok(None),
+        }
+    }
+
+    // ----- sender side --------------------------------------------------
+
+    /// Step 0: stores a new outgoing message and queues it.
+    pub async fn create_message(&self, msg: OutMessage) -> Result<()> {
+        self.write(move |txn| {
+            txn.open_table(OUTBOX)?
+                .insert(msg.id.as_str(), to_json(&msg).as_slice())?;
+            txn.open_table(PENDING)?.insert(msg.id.as_str(), 0)?;
+            Ok(())
+        })
+        .await
+    }
+
+    pub fn message(&self, id: &str) -> Result<Option<OutMessage>> {
+        self.read_json(OUTBOX, id)
+    }
+
+    /// Every message not yet delivered or failed, for the queue to resume.
+    pub fn pending_messages(&self) -> Result<Vec<OutMessage>> {
+        let txn = self.db.begin_read()?;
+        let pending = txn.open_table(PENDING)?;
+        let outbox = txn.open_table(OUTBOX)?;
+        let mut out = Vec::new();
+        for entry in pending.iter()? {
+            let (id, _) = entry?;
+            if let Some(v) = outbox.get(id.value())? {
+                out.push(from_json(v.value())?);
+            }
+        }
+        Ok(out)
+    }
+
+    /// All outgoing messages of a sender identity, newest first (for the outbox page).
+    pub fn outbox(&self, sender: &str) -> Result<Vec<OutMessage>> {
+        let txn = self.db.begin_read()?;
+        let outbox = txn.open_table(OUTBOX)?;
+        let mut out: Vec<OutMessage> = Vec::new();
+        for entry in outbox.iter()? {
+            let (_, v) = entry?;
+            let m: OutMessage = from_json(v.value())?;
+            if m.sender == sender {
+                out.push(m);
+            }
+        }
+        out.sort_by(|a, b| b.created_ms.cmp(&a.created_ms));
+        Ok(out)
+    }
+
+    /// Applies `change` to a stored message and keeps the queue index in step.
+    /// Returns the message after the change, or `None` if it does not exist.
+    pub async fn update_message<F>(&self, id: &str, change: F) -> Result<Option<OutMessage>>
+    where
+        F: FnOnce(&mut OutMessage) + Send + 'static,
+    {
+        let id = id.to_string();
+        self.write(move |txn| {
+            let mut outbox = txn.open_table(OUTBOX)?;
+            let Some(mut msg) = outbox
+                .get(id.as_str())?
+                .map(|v| from_json::<OutMessage>(v.value()))
+                .transpose()?
+            else {
+                return Ok(None);
+            };
+            change(&mut msg);
+            outbox.insert(id.as_str(), to_json(&msg).as_slice())?;
+            let mut pending = txn.open_table(PENDING)?;
+            if matches!(msg.state, State::Delivered | State::Failed) {
+                pending.remove(id.as_str())?;
+            } else {
+                pending.insert(id.as_str(), 0)?;
+            }
+            Ok(Some(msg))
+        })
+        .await
+    }
+
+    pub async fn put_code(&self, hash: String, code: Code) -> Result<()> {
+        self.write(move |txn| {
+            txn.open_table(CODES)?
+                .insert(hash.as_str(), to_json(&code).as_slice())?;
+            Ok(())
+        })
+        .await
+    }
+
+    pub fn code(&self, hash: &str) -> Result<Option<Code>> {
+        self.read_json(CODES, hash)
+    }
+
+    /// Step 5 of the channel flow: uses up the code and stores the channel
+    /// token in one transaction. `false` if the code was used meanwhile.
+    pub async fn accept_channel(
+        &self,
+        code_hash: String,
+        sender: String,
+        recipient: String,
+        channel: Channel,
+    ) -> Result<bool> {
+        self.write(move |txn| {
+            let mut codes = txn.open_table(CODES)?;
+            let Some(mut code) = codes
+                .get(code_hash.as_str())?
+                .map(|v| from_json::<Code>(v.value()))
+                .transpose()?
+            else {
+                return Ok(false);
+            };
+            if code.used {
+                return Ok(false);
+            }
+            code.used = true;
+            codes.insert(code_hash.as_str(), to_json(&code).as_slice())?;
+            txn.open_table(CHANNELS)?.insert(
+                key2(&sender, &recipient).as_str(),
+                to_json(&channel).as_slice(),
+            )?;
+            Ok(true)
+        })
+        .await
+    }
+
+    pub fn channel(&self, sender: &str, recipient: &str) -> Result<Option<Channel>> {
+        self.read_json(CHANNELS, &key2(sender, recipient))
+    }
+
+    /// Forgets a channel token the receiver refused (401), unless it was replaced meanwhile.
+    pub async fn drop_channel(&self, sender: &str, recipient: &str, token: &str) -> Result<()> {
+        let key = key2(sender, recipient);
+        let token = token.to_string();
+        self.write(move |txn| {
+            let mut t = txn.open_table(CHANNELS)?;
+            let current = t
+                .get(key.as_str())?
+                .map(|v| from_json::<Channel>(v.value()))
+                .transpose()?;
+            if current.is_some_and(|c| c.token == token) {
+                t.remove(key.as_str())?;
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    // ----- receiver side --------------------------------------------------
+
+    pub fn received(&self, sender: &str, message: &str) -> Result<Option<Received>> {
+        self.read_json(RECEIVED, &key2(sender, message))
+    }
+
+    pub fn token(&self, hash: &str) -> Result<Option<IssuedToken>> {
+        self.read_json(TOKENS, hash)
+    }
+
+    /// The last token issued for the handshake about `(sender, subject)`.
+    pub fn handshake(&self, sender: &str, subject: &str) -> Result<Option<IssuedToken>> {
+        let txn = self.db.begin_read()?;
+        let handshakes = txn.open_table(HANDSHAKES)?;
+        let Some(hash) = handshakes.get(key2(sender, subject).as_str())? else {
+            return Ok(None);
+        };
+        let tokens = txn.open_table(TOKENS)?;
+        match tokens.get(hash.value())? {
+            Some(v) => Ok(Some(from_json(v.value())?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Step 4: records a token by its hash, and the handshake it belongs to.
+    pub async fn issue_token(
+        &self,
+        hash: String,
+        subject: String,
+        token: IssuedToken,
+    ) -> Result<()> {
+        self.write(move |txn| {
+            txn.open_table(TOKENS)?
+                .insert(hash.as_str(), to_json(&token).as_slice())?;
+            txn.open_table(HANDSHAKES)?
+                .insert(key2(&token.sender, &subject).as_str(), hash.as_str())?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// Step 6: records a received message whose file is already durable, and
+    /// uses up a single-use token, in one transaction.
+    pub async fn record_received(
+        &self,
+        sender: String,
+        message: String,
+        received: Received,
+        single_use: bool,
+    ) -> Result<RecordOutcome> {
+        self.write(move |txn| {
+            let key = key2(&sender, &message);
+            let mut t = txn.open_table(RECEIVED)?;
+            if t.get(key.as_str())?.is_some() {
+                return Ok(RecordOutcome::AlreadyReceived);
+            }
+            t.insert(key.as_str(), to_json(&received).as_slice())?;
+            if single_use {
+                let mut tokens = txn.open_table(TOKENS)?;
+                let tok = tokens
+                    .get(received.token_hash.as_str())?
+                    .map(|v| from_json::<IssuedToken>(v.value()))
+                    .transpose()?;
+                if let Some(mut tok) = tok {
+                    tok.used = true;
+                    tokens.insert(received.token_hash.as_str(), to_json(&tok).as_slice())?;
+                }
+            }
+            Ok(RecordOutcome::Created)
+        })
+        .await
+    }
+}
+
+fn write_loop(db: &Database, jobs: mpsc::Receiver<Job>) {
+    while let Ok(first) = jobs.recv() {
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH {
+            match jobs.try_recv() {
+                Ok(job) => batch.push(job),
+                Err(_) => break,
+            }
+        }
+        run_batch(db, batch);
+    }
+}
+
+fn run_batch(db: &Database, batch: Vec<Job>) {
+    let txn = match db.begin_write() {
+        Ok(t) => t,
+        Err(e) => {
+            // The jobs are dropped unrun: their callers see `Closed`-like errors.
+            tracing::error!(error = %e, "cannot begin a write transaction");
+            return;
+        }
+    };
+    let mut replies = Vec::with_capacity(batch.len());
+    let mut failure = None;
+    for job in batch {
+        match job(&txn) {
+            Ok(reply) => replies.push(reply),
+            Err(e) => {
+                failure = Some(e);
+                break;
+            }
+        }
+    }
+    let outcome = match failure {
+        Some(e) => {
+            let _ = txn.abort();
+            Err(e)
+        }
+        None => txn.commit().map_err(StoreError::from),
+    };
+    if let Err(e) = &outcome {
+        tracing::error!(error = %e, "write transaction failed; nothing in it was stored");
+    }
+    for reply in replies {
+        reply(match &outcome {
+            Ok(()) => Ok(()),
+            Err(e) => Err(StoreError::Db(e.to_string())),
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn msg(id: &str) -> OutMessage {
+        OutMessage {
+            id: id.into(),
+            sender: "https://a.example/".into(),
+            recipient: "https://b.example/".into(),
+            content: "hi".into(),
+            name: None,
+            in_reply_to: None,
+            published: "2026-01-01T00:00:00Z".into(),
+            flow: "channel".into(),
+            state: State::Queued,
+            attempts: 0,
+            last_error: None,
+            next_attempt_ms: 0,
+            created_ms: 0,
+            notified_ms: None,
+            delivered_ms: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn queue_survives_reopen_and_tracks_pending() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = Store::open(dir.path()).unwrap();
+            let mut writes = Vec::new();
+            for i in 0..50 {
+                let s = store.clone();
+                writes.push(tokio::spawn(async move {
+                    s.create_message(msg(&format!("m{i:03}"))).await
+                }));
+            }
+            for w in writes {
+                w.await.unwrap().unwrap();
+            }
+            store
+                .update_message("m007", |m| m.state = State::Delivered)
+                .await
+                .unwrap()
+                .unwrap();
+        }
+        // The writer thread of the first handle ends when its channel closes;
+        // give it a moment to release the file.
+        let mut store = None;
+        for _ in 0..50 {
+            match Store::open(dir.path()) {
+                Ok(s) => {
+                    store = Some(s);
+                    break;
+                }
+                Err(_) => std::thread::sleep(std::time::Duration::from_millis(20)),
+            }
+        }
+        let store = store.unwrap();
+        let pending = store.pending_messages().unwrap();
+        assert_eq!(pending.len(), 49);
+        assert!(pending.iter().all(|m| m.id != "m007"));
+        assert_eq!(store.message("m007").unwrap().unwrap().state, State::Delivered);
+    }
+
+    #[tokio::test]
+    async fn received_is_recorded_once_and_uses_the_token() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let tok = IssuedToken {
+            kind: "message".into(),
+            sender: "https://a.example/".into(),
+            recipient: "https://b.example/".into(),
+            message: Some("M".into()),
+            issued_ms: 0,
+            expires_ms: i64::MAX,
+            used: false,
+            sender_name: None,
+            sender_photo: None,
+        };
+        store.issue_token("h1".into(), "M".into(), tok).await.unwrap();
+        assert!(!store.handshake("https://a.example/", "M").unwrap().unwrap().used);
+        let rec = Received {
+            recipient: "https://b.example/".into(),
+            path: "x.md".into(),
+            token_hash: "h1".into(),
+            received_ms: 1,
+        };
+        let a = store
+            .record_received("https://a.example/".into(), "M".into(), rec.clone(), true)
+            .await
+            .unwrap();
+        let b = store
+            .record_received("https://a.example/".into(), "M".into(), rec, true)
+            .await
+            .unwrap();
+        assert_eq!((a, b), (RecordOutcome::Created, RecordOutcome::AlreadyReceived));
+        assert!(store.token("h1").unwrap().unwrap().used);
+    }
+}
