@@ -12,11 +12,20 @@
 //! - [`store`]: durable state in redb (queue, tokens, codes, received messages).
 //! - [`cmd`]: one module per subcommand of the binary.
 
+pub mod app;
 pub mod cmd;
 pub mod config;
 pub mod discover;
 pub mod fetch;
+pub mod hcard;
+pub mod hooks;
 pub mod identity;
+pub mod inbox;
 pub mod inject;
+pub mod micropub;
 pub mod protocol;
+pub mod ratelimit;
+pub mod receiver;
+pub mod sender;
+pub mod server;
 pub mod store;

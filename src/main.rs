@@ -19,13 +19,19 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    Serve(cmd::serve::Args),
+    Send(cmd::send::Args),
     Inject(cmd::inject::Args),
     Discover(cmd::discover::Args),
+    Token(cmd::token::Args),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
+        Command::Serve(args) => cmd::serve::run(args),
+        Command::Send(args) => cmd::send::run(args),
+        Command::Token(args) => cmd::token::run(args),
         Command::Inject(args) => cmd::inject::run(args),
         Command::Discover(args) => cmd::discover::run(args),
     };

@@ -1,0 +1,94 @@
+//! The state one running server shares between its connections and its
+//! background work.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::{Config, SiteConfig};
+use crate::discover::DiscoveryCache;
+use crate::fetch::Fetcher;
+use crate::identity::Identity;
+use crate::ratelimit::RateLimiter;
+use crate::sender::Queue;
+use crate::store::Store;
+
+/// Shared server state. One per `indiepm serve`.
+pub struct App {
+    pub config: Config,
+    pub store: Store,
+    pub fetcher: Fetcher,
+    /// Discovery results for steps 1 and 2 (never step 5).
+    pub discovery: DiscoveryCache,
+    /// Background work (handshakes, pushes) that shutdown drains.
+    pub tracker: TaskTracker,
+    pub shutdown: CancellationToken,
+    /// Bounds discovery fetches in flight for incoming notifies.
+    pub discovery_slots: Semaphore,
+    pub per_host: RateLimiter,
+    pub per_client: RateLimiter,
+    /// Receiver handshakes under way, by (sender, message-or-code).
+    pub handshakes_in_flight: Mutex<HashSet<(String, String)>>,
+    /// Sender side: the outgoing queue.
+    pub queue: Queue,
+    /// Sender side, message flow: tokens handed over in step 4, by message ID.
+    pub grants: Mutex<HashMap<String, crate::sender::Grant>>,
+    /// Sender side, channel flow: when the last code was sent per (sender, recipient).
+    pub codes_in_flight: Mutex<HashMap<(String, String), i64>>,
+    /// Micropub: answers of the IndieAuth token endpoint.
+    pub token_cache: crate::micropub::TokenCache,
+}
+
+impl App {
+    pub fn new(config: Config, store: Store) -> Arc<App> {
+        let fetcher = Fetcher::new(config.network.allow_private);
+        let limits = config.limits.clone();
+        Arc::new(App {
+            store,
+            fetcher,
+            discovery: DiscoveryCache::default(),
+            tracker: TaskTracker::new(),
+            shutdown: CancellationToken::new(),
+            discovery_slots: Semaphore::new(limits.discovery_in_flight),
+            per_host: RateLimiter::new(limits.notify_per_minute_per_host),
+            per_client: RateLimiter::new(limits.notify_per_minute_per_client),
+            handshakes_in_flight: Mutex::new(HashSet::new()),
+            queue: Queue::default(),
+            grants: Mutex::new(HashMap::new()),
+            codes_in_flight: Mutex::new(HashMap::new()),
+            token_cache: Default::default(),
+            config,
+        })
+    }
+
+    /// The site with identity `me` (canonical string).
+    pub fn site(&self, me: &str) -> Option<&SiteConfig> {
+        let me = Identity::parse(me).ok()?;
+        self.config.site(&me)
+    }
+
+    /// The site with identity `me` whose endpoint is served on `path`.
+    pub fn site_on_path(&self, me: &str, path: &str) -> Option<&SiteConfig> {
+        self.site(me).filter(|s| endpoint_path(&s.endpoint) == path)
+    }
+}
+
+/// The path part of an endpoint URL, on which the server answers for it.
+pub fn endpoint_path(endpoint: &str) -> String {
+    url::Url::parse(endpoint)
+        .map(|u| u.path().to_string())
+        .unwrap_or_else(|_| "/".into())
+}
+
+/// Locks a mutex whose data stays consistent even if a holder panicked.
+pub fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> i64 {
+    chrono::Utc::now().timestamp_millis()
+}

@@ -1,0 +1,66 @@
+//! `indiepm serve --config FILE`: the PM server.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Args as ClapArgs;
+
+use super::CmdResult;
+use crate::config::Config;
+
+/// Run the PM server for every [[site]] of the config.
+///
+/// Receives messages for your sites (writing each one as a private markdown
+/// file under content_dir/inbox) and delivers the messages you write
+/// through Micropub or `indiepm send`, retrying for days when the other side
+/// is down. Stops on Ctrl-C or SIGTERM after draining work in flight (at
+/// most 10 s). Logs go to stderr; set RUST_LOG=debug for more.
+#[derive(Debug, ClapArgs)]
+pub struct Args {
+    /// The TOML config file (see the README's config reference).
+    #[arg(long, short)]
+    pub config: PathBuf,
+}
+
+pub fn run(args: Args) -> CmdResult {
+    let config = Config::load(&args.config)?;
+    super::init_logging();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        let running = crate::server::start(config).await?;
+        let app = running.app.clone();
+        tokio::spawn(async move {
+            wait_for_signal().await;
+            tracing::info!("signal received");
+            app.shutdown.cancel();
+        });
+        running.wait().await;
+        Ok::<_, anyhow::Error>(())
+    })?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// SIGINT or SIGTERM.
+async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}

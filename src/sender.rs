@@ -1,0 +1,643 @@
+//! The sender role (`PS`): step 0 (store), 1 (discover `PR`), 2 (notify),
+//! 3 and 5 answered (verify, deliver), 6 (push), and the durable queue that
+//! retries all of it.
+//!
+//! Every outgoing message lives in redb with its state (queued, notified,
+//! delivered, failed), attempt count, last error and next attempt time. The
+//! queue worker ([`run_queue`]) wakes when an attempt is due and runs it:
+//!
+//! - message flow: push if the recipient handed us a token for it (step 4),
+//!   else notify (step 2) and wait; re-notify after `renotify_after_secs`.
+//! - channel flow: push under the channel token for (sender, recipient) if
+//!   we hold one, else send a code (step 2) and wait for `deliver`.
+//!
+//! Failures back off exponentially with jitter, honour `Retry-After`, and
+//! stop only after `give_up_after_secs` (at least 3 days by default).
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use hyper::{Response, StatusCode};
+use rand::RngExt;
+use serde_json::json;
+use tokio::sync::{Notify, Semaphore};
+use url::Url;
+
+use crate::app::{App, lock, now_ms};
+use crate::config::Flow;
+use crate::fetch::FetchError;
+use crate::identity::{Identity, same_endpoint};
+use crate::protocol::{self, ProtoError, Subject, hash_secret};
+use crate::server::{Body, json};
+use crate::store::{Channel, Code, OutMessage, State, StoreError};
+
+/// Pushes and notifies in flight at once.
+const CONCURRENCY: usize = 64;
+
+/// A single-use token handed over in step 4 of the message flow.
+#[derive(Debug, Clone)]
+pub struct Grant {
+    pub token: String,
+    pub endpoint: String,
+    pub expires_ms: i64,
+}
+
+/// The in-memory schedule over the durable queue: (due time, message ID),
+/// with an index by ID so that rescheduling is cheap.
+#[derive(Default)]
+pub struct Queue {
+    due: Mutex<Schedule>,
+    running: Mutex<HashSet<String>>,
+    wake: Notify,
+}
+
+#[derive(Default)]
+struct Schedule {
+    by_time: BTreeSet<(i64, String)>,
+    by_id: HashMap<String, i64>,
+}
+
+impl Queue {
+    /// Schedules an attempt of `id` at `at_ms`; an earlier time already set wins.
+    pub fn schedule(&self, id: &str, at_ms: i64) {
+        let mut s = lock(&self.due);
+        if let Some(&existing) = s.by_id.get(id) {
+            if existing <= at_ms {
+                return;
+            }
+            s.by_time.remove(&(existing, id.to_string()));
+        }
+        s.by_time.insert((at_ms, id.to_string()));
+        s.by_id.insert(id.to_string(), at_ms);
+        drop(s);
+        self.wake.notify_one();
+    }
+
+    fn take_due(&self, now: i64) -> (Vec<String>, Option<i64>) {
+        let mut s = lock(&self.due);
+        let mut ready = Vec::new();
+        while let Some((t, _)) = s.by_time.first() {
+            if *t > now {
+                break;
+            }
+            if let Some((_, id)) = s.by_time.pop_first() {
+                s.by_id.remove(&id);
+                ready.push(id);
+            }
+        }
+        (ready, s.by_time.first().map(|(t, _)| *t))
+    }
+}
+
+fn storage(e: StoreError) -> ProtoError {
+    tracing::error!(error = %e, "storage failure");
+    ProtoError::server_error("storage failure; retry later")
+}
+
+/// Step 0: stores a new outgoing message durably, writes its copy to the
+/// site's sent folder, and queues it. Returns the stored message.
+pub async fn create_message(
+    app: &Arc<App>,
+    sender: &Identity,
+    recipient: &Identity,
+    content: String,
+    name: Option<String>,
+    in_reply_to: Option<String>,
+) -> Result<OutMessage, String> {
+    let site = app
+        .config
+        .site(sender)
+        .ok_or_else(|| format!("{sender} is not a site of this server"))?
+        .clone();
+    let now = chrono::Utc::now();
+    let msg = OutMessage {
+        id: protocol::new_secret(),
+        sender: sender.as_str().into(),
+        recipient: recipient.as_str().into(),
+        content,
+        name,
+        in_reply_to,
+        published: now.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+        flow: match app.config.delivery.flow {
+            Flow::Channel => "channel".into(),
+            Flow::Message => "message".into(),
+        },
+        state: State::Queued,
+        attempts: 0,
+        last_error: None,
+        next_attempt_ms: now.timestamp_millis(),
+        created_ms: now.timestamp_millis(),
+        notified_ms: None,
+        delivered_ms: None,
+    };
+    app.store
+        .create_message(msg.clone())
+        .await
+        .map_err(|e| e.to_string())?;
+    let copy = msg.clone();
+    let (s, r) = (sender.clone(), recipient.clone());
+    let written = tokio::task::spawn_blocking(move || {
+        crate::inbox::write_message(
+            &site,
+            crate::inbox::Folder::Sent,
+            &crate::inbox::MessageFile {
+                sender: &s,
+                recipient: &r,
+                id: &copy.id,
+                published: chrono::DateTime::parse_from_rfc3339(&copy.published)
+                    .unwrap_or_else(|_| now.fixed_offset()),
+                received: now,
+                name: copy.name.as_deref(),
+                in_reply_to: copy.in_reply_to.as_deref(),
+                content: &copy.content,
+                sender_name: None,
+                sender_photo: None,
+            },
+        )
+    })
+    .await;
+    if let Ok(Err(e)) | Err(e) = written.map_err(std::io::Error::other) {
+        // The message is stored and will be delivered; only the copy is missing.
+        tracing::warn!(error = %e, "cannot write the copy to the sent folder");
+    }
+    tracing::info!(step = 0, id = %msg.id, sender = %msg.sender, recipient = %msg.recipient, flow = %msg.flow, "message stored");
+    app.queue.schedule(&msg.id, msg.next_attempt_ms);
+    Ok(msg)
+}
+
+/// Loads every undelivered message after a (re)start.
+pub fn resume(app: &Arc<App>) -> Result<(), StoreError> {
+    let pending = app.store.pending_messages()?;
+    if !pending.is_empty() {
+        tracing::info!(count = pending.len(), "resuming the outgoing queue");
+    }
+    for m in pending {
+        app.queue.schedule(&m.id, m.next_attempt_ms);
+    }
+    Ok(())
+}
+
+/// The queue worker: runs attempts as they fall due, until shutdown.
+pub async fn run_queue(app: Arc<App>) {
+    let slots = Arc::new(Semaphore::new(CONCURRENCY));
+    loop {
+        let (ready, next) = app.queue.take_due(now_ms());
+        for id in ready {
+            if !lock(&app.queue.running).insert(id.clone()) {
+                // An attempt is running; look again shortly after it.
+                app.queue.schedule(&id, now_ms() + 200);
+                continue;
+            }
+            let Ok(permit) = slots.clone().acquire_owned().await else {
+                return;
+            };
+            let app2 = app.clone();
+            app.tracker.spawn(async move {
+                attempt(&app2, &id).await;
+                lock(&app2.queue.running).remove(&id);
+                drop(permit);
+            });
+        }
+        let sleep = next.map_or(Duration::from_secs(3600), |t| {
+            Duration::from_millis((t - now_ms()).clamp(0, 3_600_000) as u64)
+        });
+        tokio::select! {
+            _ = app.queue.wake.notified() => {}
+            _ = tokio::time::sleep(sleep) => {}
+            _ = app.shutdown.cancelled() => return,
+        }
+    }
+}
+
+/// What became of one request to the recipient's server.
+enum Outcome {
+    Done,
+    /// The token was refused (401): start a new handshake.
+    TokenRefused,
+    /// Worth retrying later; maybe with the server's Retry-After.
+    Retry(String, Option<u64>),
+    /// Retrying cannot help.
+    Fatal(String),
+}
+
+fn classify(
+    what: &str,
+    r: Result<crate::fetch::Fetched, FetchError>,
+    ok: &[StatusCode],
+) -> Outcome {
+    match r {
+        Ok(resp) if ok.contains(&resp.status) => Outcome::Done,
+        Ok(resp) => {
+            let detail = serde_json::from_slice::<serde_json::Value>(&resp.body)
+                .ok()
+                .and_then(|v| {
+                    v["error"]
+                        .as_str()
+                        .map(|e| format!("{e}: {}", v["error_description"].as_str().unwrap_or("")))
+                })
+                .unwrap_or_default();
+            let msg = format!("{what} answered HTTP {} {detail}", resp.status.as_u16());
+            let retry_after = resp
+                .headers
+                .get(reqwest::header::RETRY_AFTER)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.trim().parse::<u64>().ok());
+            match resp.status.as_u16() {
+                401 => Outcome::TokenRefused,
+                429 | 408 => Outcome::Retry(msg, retry_after),
+                s if s >= 500 => Outcome::Retry(msg, retry_after),
+                _ => Outcome::Fatal(msg),
+            }
+        }
+        Err(e @ (FetchError::Forbidden(..) | FetchError::Scheme(_))) => {
+            Outcome::Fatal(format!("{what}: {e}"))
+        }
+        Err(e) => Outcome::Retry(format!("{what}: {e}"), None),
+    }
+}
+
+/// One attempt at moving message `id` forward.
+async fn attempt(app: &Arc<App>, id: &str) {
+    let msg = match app.store.message(id) {
+        Ok(Some(m)) if !matches!(m.state, State::Delivered | State::Failed) => m,
+        Ok(_) => return,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot read the queue");
+            app.queue.schedule(id, now_ms() + 5_000);
+            return;
+        }
+    };
+    let give_up_ms = (app.config.delivery.give_up_after_secs * 1000.0) as i64;
+    if now_ms() - msg.created_ms > give_up_ms {
+        let why = format!(
+            "gave up after {} attempts: {}",
+            msg.attempts,
+            msg.last_error.clone().unwrap_or_default()
+        );
+        finish(app, &msg, State::Failed, Some(why)).await;
+        return;
+    }
+    let outcome = if msg.flow == "message" {
+        let grant = lock(&app.grants).remove(&msg.id);
+        match grant.filter(|g| g.expires_ms > now_ms()) {
+            Some(g) => {
+                let out = push(app, &msg, &g.endpoint, &g.token).await;
+                if let Outcome::Retry(..) = out {
+                    lock(&app.grants).insert(msg.id.clone(), g);
+                }
+                out
+            }
+            None => notify(app, &msg, Subject::Message(msg.id.clone())).await,
+        }
+    } else {
+        match app.store.channel(&msg.sender, &msg.recipient) {
+            Ok(Some(ch)) if ch.expires_ms > now_ms() + 5_000 => {
+                let out = push(app, &msg, &ch.endpoint, &ch.token).await;
+                if let Outcome::TokenRefused = out {
+                    tracing::info!(step = 6, recipient = %msg.recipient, "channel token refused; new handshake");
+                    let _ = app
+                        .store
+                        .drop_channel(&msg.sender, &msg.recipient, &ch.token)
+                        .await;
+                }
+                out
+            }
+            Ok(_) => channel_handshake(app, &msg).await,
+            Err(e) => Outcome::Retry(e.to_string(), Some(5)),
+        }
+    };
+    match outcome {
+        Outcome::Done => {}
+        Outcome::TokenRefused => {
+            // Start over with a fresh handshake right away.
+            app.queue.schedule(&msg.id, now_ms());
+        }
+        Outcome::Retry(why, retry_after) => {
+            let delay = backoff(app, msg.attempts + 1, retry_after);
+            tracing::info!(id = %msg.id, attempt = msg.attempts + 1, retry_in_s = delay / 1000, "delivery attempt failed: {why}");
+            let next = now_ms() + delay;
+            let _ = app
+                .store
+                .update_message(&msg.id, move |m| {
+                    m.attempts += 1;
+                    m.last_error = Some(why);
+                    m.next_attempt_ms = next;
+                })
+                .await;
+            app.queue.schedule(&msg.id, next);
+        }
+        Outcome::Fatal(why) => {
+            tracing::warn!(id = %msg.id, "delivery failed for good: {why}");
+            finish(app, &msg, State::Failed, Some(why)).await;
+        }
+    }
+}
+
+/// Exponential back-off with ±50% jitter, at least the server's Retry-After.
+fn backoff(app: &App, attempt: u32, retry_after: Option<u64>) -> i64 {
+    let d = &app.config.delivery;
+    let base = d.retry_initial_secs * 2f64.powi(attempt.saturating_sub(1).min(30) as i32);
+    let jitter = rand::rng().random_range(0.5..1.5);
+    let secs = (base * jitter).min(d.retry_max_secs);
+    let secs = secs.max(retry_after.unwrap_or(0) as f64);
+    (secs * 1000.0) as i64
+}
+
+async fn finish(app: &Arc<App>, msg: &OutMessage, state: State, error: Option<String>) {
+    let r = app
+        .store
+        .update_message(&msg.id, move |m| {
+            m.state = state;
+            if error.is_some() {
+                m.last_error = error;
+            }
+            if state == State::Delivered {
+                m.delivered_ms = Some(now_ms());
+            }
+        })
+        .await;
+    if let Err(e) = r {
+        tracing::error!(error = %e, "cannot record the delivery state; will retry");
+        app.queue.schedule(&msg.id, now_ms() + 1000);
+    }
+}
+
+/// Step 1 and 2: discover the recipient's endpoint and notify it.
+async fn notify(app: &Arc<App>, msg: &OutMessage, subject: Subject) -> Outcome {
+    let recipient = match Url::parse(&msg.recipient) {
+        Ok(u) => u,
+        Err(e) => return Outcome::Fatal(format!("bad recipient: {e}")),
+    };
+    let endpoint = match app.discovery.discover(&app.fetcher, &recipient).await {
+        Ok(Some(e)) => e,
+        Ok(None) => {
+            app.discovery.forget(&recipient);
+            return Outcome::Retry(
+                format!("step 1: {recipient} advertises no rel=pm endpoint"),
+                None,
+            );
+        }
+        Err(crate::discover::DiscoverError::Fetch(
+            e @ (FetchError::Forbidden(..) | FetchError::Scheme(_)),
+        )) => {
+            return Outcome::Fatal(format!("step 1: {e}"));
+        }
+        Err(e) => return Outcome::Retry(format!("step 1: {e}"), None),
+    };
+    tracing::info!(step = 1, recipient = %recipient, endpoint = %endpoint, "discovered the recipient's endpoint");
+    let r = app
+        .fetcher
+        .post_form(
+            &endpoint,
+            &[
+                ("action", "notify"),
+                ("sender", &msg.sender),
+                ("recipient", &msg.recipient),
+                (subject.param(), subject.as_str()),
+            ],
+            None,
+        )
+        .await;
+    match classify("step 2 notify", r, &[StatusCode::ACCEPTED]) {
+        Outcome::Done => {
+            tracing::info!(step = 2, id = %msg.id, recipient = %msg.recipient, kind = %subject.param(), "notify accepted");
+            let renotify = now_ms() + (app.config.delivery.renotify_after_secs * 1000.0) as i64;
+            let _ = app
+                .store
+                .update_message(&msg.id, move |m| {
+                    if m.state == State::Queued {
+                        m.state = State::Notified;
+                    }
+                    m.notified_ms = Some(now_ms());
+                    m.next_attempt_ms = renotify;
+                })
+                .await;
+            app.queue.schedule(&msg.id, renotify);
+            Outcome::Done
+        }
+        Outcome::TokenRefused => {
+            app.discovery.forget(&recipient);
+            Outcome::Retry("step 2 notify answered 401".into(), None)
+        }
+        Outcome::Fatal(why) if why.contains("HTTP 404") || why.contains("HTTP 410") => {
+            app.discovery.forget(&recipient);
+            Outcome::Fatal(why)
+        }
+        other => {
+            app.discovery.forget(&recipient);
+            other
+        }
+    }
+}
+
+/// Channel flow, step 2: send a code for (sender, recipient) unless one is
+/// already out and fresh.
+async fn channel_handshake(app: &Arc<App>, msg: &OutMessage) -> Outcome {
+    let pair = (msg.sender.clone(), msg.recipient.clone());
+    let renotify_ms = (app.config.delivery.renotify_after_secs * 1000.0) as i64;
+    let recent = lock(&app.codes_in_flight).get(&pair).copied();
+    if let Some(sent) = recent
+        && now_ms() - sent < renotify_ms.min(protocol::HANDSHAKE_SECS * 1000)
+    {
+        // A handshake for this pair is under way; its deliver wakes us.
+        app.queue.schedule(&msg.id, sent + renotify_ms);
+        return Outcome::Done;
+    }
+    let code = protocol::new_secret();
+    let put = app
+        .store
+        .put_code(
+            hash_secret(&code),
+            Code {
+                sender: msg.sender.clone(),
+                recipient: msg.recipient.clone(),
+                issued_ms: now_ms(),
+                used: false,
+            },
+        )
+        .await;
+    if let Err(e) = put {
+        return Outcome::Retry(e.to_string(), Some(5));
+    }
+    lock(&app.codes_in_flight).insert(pair.clone(), now_ms());
+    let out = notify(app, msg, Subject::Code(code)).await;
+    if !matches!(out, Outcome::Done) {
+        lock(&app.codes_in_flight).remove(&pair);
+    }
+    out
+}
+
+/// Step 6: the push, with the bearer token, to the endpoint checked in step 5.
+async fn push(app: &Arc<App>, msg: &OutMessage, endpoint: &str, token: &str) -> Outcome {
+    let url = match Url::parse(endpoint) {
+        Ok(u) => u,
+        Err(e) => return Outcome::Fatal(format!("bad endpoint: {e}")),
+    };
+    let mut form = vec![
+        ("action", "message"),
+        ("sender", msg.sender.as_str()),
+        ("recipient", msg.recipient.as_str()),
+        ("message", msg.id.as_str()),
+        ("published", msg.published.as_str()),
+        ("content", msg.content.as_str()),
+    ];
+    if let Some(n) = &msg.name {
+        form.push(("name", n));
+    }
+    if let Some(r) = &msg.in_reply_to {
+        form.push(("in-reply-to", r));
+    }
+    let r = app.fetcher.post_form(&url, &form, Some(token)).await;
+    let out = classify("step 6 push", r, &[StatusCode::CREATED, StatusCode::OK]);
+    if let Outcome::Done = out {
+        tracing::info!(step = 6, id = %msg.id, recipient = %msg.recipient, "message delivered");
+        finish(app, msg, State::Delivered, None).await;
+    }
+    out
+}
+
+/// Step 3, sending side: `verify`. Confirms without revealing content.
+pub async fn verify(
+    app: &Arc<App>,
+    path: &str,
+    sender: String,
+    recipient: String,
+    subject: Subject,
+) -> Result<Response<Body>, ProtoError> {
+    if app.site_on_path(&sender, path).is_none() {
+        return Err(ProtoError::not_found(format!("no identity {sender} here")));
+    }
+    let valid = match &subject {
+        Subject::Message(m) => app
+            .store
+            .message(m)
+            .map_err(storage)?
+            .is_some_and(|msg| undelivered_between(&msg, &sender, &recipient)),
+        Subject::Code(k) => code_valid(app, k, &sender, &recipient)?,
+    };
+    tracing::info!(step = 3, %sender, %recipient, kind = %subject.param(), valid, "verify answered");
+    if valid {
+        Ok(json(StatusCode::OK, &json!({"valid": true})))
+    } else {
+        Err(ProtoError::not_found(format!(
+            "no pending {} from {sender} to {recipient}",
+            subject.param()
+        )))
+    }
+}
+
+fn undelivered_between(msg: &OutMessage, sender: &str, recipient: &str) -> bool {
+    msg.sender == sender
+        && msg.recipient == recipient
+        && !matches!(msg.state, State::Delivered | State::Failed)
+}
+
+fn code_valid(app: &App, code: &str, sender: &str, recipient: &str) -> Result<bool, ProtoError> {
+    let stored = app.store.code(&hash_secret(code)).map_err(storage)?;
+    Ok(stored.is_some_and(|c| {
+        c.sender == sender
+            && c.recipient == recipient
+            && !c.used
+            && now_ms() - c.issued_ms < protocol::HANDSHAKE_SECS * 1000
+    }))
+}
+
+/// Steps 4 and 5, sending side: `deliver`. The recipient's endpoint is
+/// discovered afresh (no cache) and must equal `E`; only then is anything
+/// sent, and only to `E`.
+#[allow(clippy::too_many_arguments)]
+pub async fn deliver(
+    app: &Arc<App>,
+    path: &str,
+    sender: String,
+    recipient: String,
+    subject: Subject,
+    endpoint: String,
+    token: String,
+    expires_in: Option<u64>,
+) -> Result<Response<Body>, ProtoError> {
+    if app.site_on_path(&sender, path).is_none() {
+        return Err(ProtoError::not_found(format!("no identity {sender} here")));
+    }
+    let known = match &subject {
+        Subject::Message(m) => app
+            .store
+            .message(m)
+            .map_err(storage)?
+            .is_some_and(|msg| undelivered_between(&msg, &sender, &recipient)),
+        Subject::Code(k) => code_valid(app, k, &sender, &recipient)?,
+    };
+    if !known {
+        return Err(ProtoError::not_found(format!(
+            "no pending {} from {sender} to {recipient}",
+            subject.param()
+        )));
+    }
+    // Step 5: fresh discovery, exact comparison.
+    let recipient_url =
+        Url::parse(&recipient).map_err(|e| ProtoError::invalid_request(e.to_string()))?;
+    let discovered = crate::discover::discover(&app.fetcher, &recipient_url).await;
+    let matches = match &discovered {
+        Ok(Some(found)) => same_endpoint(found.as_str(), &endpoint),
+        _ => false,
+    };
+    if !matches {
+        let found = match discovered {
+            Ok(Some(u)) => u.to_string(),
+            Ok(None) => "no endpoint".into(),
+            Err(e) => format!("discovery failed: {e}"),
+        };
+        tracing::warn!(step = 5, %recipient, given = %endpoint, %found, "endpoint mismatch; nothing sent");
+        return Err(ProtoError::endpoint_mismatch(format!(
+            "{recipient} advertises {found}, not {endpoint}"
+        )));
+    }
+    let endpoint = Url::parse(&endpoint)
+        .map(|u| u.to_string())
+        .map_err(|e| ProtoError::invalid_request(e.to_string()))?;
+    match subject {
+        Subject::Message(m) => {
+            lock(&app.grants).insert(
+                m.clone(),
+                Grant {
+                    token,
+                    endpoint,
+                    expires_ms: now_ms() + protocol::HANDSHAKE_SECS * 1000,
+                },
+            );
+            tracing::info!(step = 5, %recipient, id = %m, "endpoint confirmed; pushing");
+            app.queue.schedule(&m, now_ms());
+        }
+        Subject::Code(k) => {
+            let secs = expires_in.unwrap_or(*protocol::CHANNEL_SECS.start()) as i64;
+            let accepted = app
+                .store
+                .accept_channel(
+                    hash_secret(&k),
+                    sender.clone(),
+                    recipient.clone(),
+                    Channel {
+                        token,
+                        endpoint,
+                        expires_ms: now_ms() + secs * 1000,
+                    },
+                )
+                .await
+                .map_err(storage)?;
+            if !accepted {
+                return Err(ProtoError::not_found("code already used"));
+            }
+            lock(&app.codes_in_flight).remove(&(sender.clone(), recipient.clone()));
+            tracing::info!(step = 5, %recipient, expires_in = secs, "channel token stored; pushing queued messages");
+            let pending = app.store.pending_messages().map_err(storage)?;
+            for m in pending
+                .iter()
+                .filter(|m| m.sender == sender && m.recipient == recipient)
+            {
+                app.queue.schedule(&m.id, now_ms());
+            }
+        }
+    }
+    Ok(json(StatusCode::ACCEPTED, &json!({"status": "accepted"})))
+}
