@@ -56,7 +56,11 @@ impl ProtoError {
         Self::new(StatusCode::PAYLOAD_TOO_LARGE, "too_large", d)
     }
     pub fn unsupported_media_type(d: impl Into<String>) -> Self {
-        Self::new(StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type", d)
+        Self::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+            d,
+        )
     }
     pub fn rate_limited(retry_after: u64) -> Self {
         let mut e = Self::new(
@@ -79,7 +83,13 @@ impl ProtoError {
 
 impl std::fmt::Display for ProtoError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{} {}: {}", self.status.as_u16(), self.code, self.description)
+        write!(
+            f,
+            "{} {}: {}",
+            self.status.as_u16(),
+            self.code,
+            self.description
+        )
     }
 }
 
@@ -189,9 +199,17 @@ impl Request {
                 let recipient = p.identity("recipient")?;
                 let subject = p.subject()?;
                 Ok(if action == "notify" {
-                    Request::Notify { sender, recipient, subject }
+                    Request::Notify {
+                        sender,
+                        recipient,
+                        subject,
+                    }
                 } else {
-                    Request::Verify { sender, recipient, subject }
+                    Request::Verify {
+                        sender,
+                        recipient,
+                        subject,
+                    }
                 })
             }
             "deliver" => {
@@ -238,8 +256,10 @@ impl Request {
                 let sender = p.identity("sender")?;
                 let recipient = p.identity("recipient")?;
                 let message = p.id("message")?;
-                let published = DateTime::parse_from_rfc3339(p.required("published")?)
-                    .map_err(|_| ProtoError::invalid_request("published must be an RFC 3339 date-time"))?;
+                let published =
+                    DateTime::parse_from_rfc3339(p.required("published")?).map_err(|_| {
+                        ProtoError::invalid_request("published must be an RFC 3339 date-time")
+                    })?;
                 let content = p.required_allow_empty("content")?.to_string();
                 let name = p.get("name").map(str::to_string);
                 let in_reply_to = match p.get("in-reply-to") {
@@ -256,7 +276,9 @@ impl Request {
                     in_reply_to,
                 }))
             }
-            other => Err(ProtoError::invalid_request(format!("unknown action `{other}`"))),
+            other => Err(ProtoError::invalid_request(format!(
+                "unknown action `{other}`"
+            ))),
         }
     }
 }
@@ -341,7 +363,9 @@ mod tests {
 
     #[test]
     fn parses_notify_and_canonicalises_identities() {
-        let body = format!("action=notify&sender=https%3A%2F%2FA.example&recipient=https://b.example/&message={M}&x=ignored");
+        let body = format!(
+            "action=notify&sender=https%3A%2F%2FA.example&recipient=https://b.example/&message={M}&x=ignored"
+        );
         let r = Request::parse(body.as_bytes()).unwrap();
         assert_eq!(
             r,
@@ -362,8 +386,12 @@ mod tests {
             format!("action=notify&sender=https://a/&recipient=https://b/&message={M}%2F.."),
             format!("action=notify&sender=ftp://a/&recipient=https://b/&message={M}"),
             format!("action=frobnicate&sender=https://a/&recipient=https://b/&message={M}"),
-            format!("action=deliver&sender=https://a/&recipient=https://b/&code={M}&endpoint=https://b/pm&token={M}&expires_in=59"),
-            format!("action=deliver&sender=https://a/&recipient=https://b/&code={M}&endpoint=https://b/pm&token={M}"),
+            format!(
+                "action=deliver&sender=https://a/&recipient=https://b/&code={M}&endpoint=https://b/pm&token={M}&expires_in=59"
+            ),
+            format!(
+                "action=deliver&sender=https://a/&recipient=https://b/&code={M}&endpoint=https://b/pm&token={M}"
+            ),
         ] {
             let e = Request::parse(body.as_bytes()).unwrap_err();
             assert_eq!(e.code, "invalid_request", "{body}");

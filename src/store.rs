@@ -569,7 +569,10 @@ mod tests {
         let pending = store.pending_messages().unwrap();
         assert_eq!(pending.len(), 49);
         assert!(pending.iter().all(|m| m.id != "m007"));
-        assert_eq!(store.message("m007").unwrap().unwrap().state, State::Delivered);
+        assert_eq!(
+            store.message("m007").unwrap().unwrap().state,
+            State::Delivered
+        );
     }
 
     #[tokio::test]
@@ -587,8 +590,17 @@ mod tests {
             sender_name: None,
             sender_photo: None,
         };
-        store.issue_token("h1".into(), "M".into(), tok).await.unwrap();
-        assert!(!store.handshake("https://a.example/", "M").unwrap().unwrap().used);
+        store
+            .issue_token("h1".into(), "M".into(), tok)
+            .await
+            .unwrap();
+        assert!(
+            !store
+                .handshake("https://a.example/", "M")
+                .unwrap()
+                .unwrap()
+                .used
+        );
         let rec = Received {
             recipient: "https://b.example/".into(),
             path: "x.md".into(),
@@ -603,7 +615,10 @@ mod tests {
             .record_received("https://a.example/".into(), "M".into(), rec, true)
             .await
             .unwrap();
-        assert_eq!((a, b), (RecordOutcome::Created, RecordOutcome::AlreadyReceived));
+        assert_eq!(
+            (a, b),
+            (RecordOutcome::Created, RecordOutcome::AlreadyReceived)
+        );
         assert!(store.token("h1").unwrap().unwrap().used);
     }
 }
