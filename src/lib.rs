@@ -29,3 +29,4 @@ pub mod receiver;
 pub mod sender;
 pub mod server;
 pub mod store;
+pub mod web;

@@ -173,6 +173,9 @@ async fn handle(app: &Arc<App>, req: Request<Incoming>, peer: SocketAddr) -> Res
     if path == "/micropub" {
         return crate::micropub::handle(app, req).await;
     }
+    if path == "/ui" || path.starts_with("/ui/") {
+        return crate::web::handle(app, req).await;
+    }
     text(StatusCode::NOT_FOUND, "not found\n")
 }
 
