@@ -28,5 +28,6 @@ pub mod ratelimit;
 pub mod receiver;
 pub mod sender;
 pub mod server;
+pub mod static_site;
 pub mod store;
 pub mod web;

@@ -124,6 +124,8 @@ struct Post {
     name: Option<String>,
     in_reply_to: Option<String>,
     access_token: Option<String>,
+    /// `pm-flow`: this project's extension to pick the flow of one message.
+    flow: Option<String>,
 }
 
 impl Post {
@@ -164,6 +166,7 @@ impl Post {
                 name: first("name").and_then(text),
                 in_reply_to: first("in-reply-to").and_then(text),
                 access_token: v["access_token"].as_str().map(str::to_string),
+                flow: first("pm-flow").and_then(text),
             })
         } else if ct.starts_with("application/x-www-form-urlencoded") {
             let pairs: Vec<(String, String)> = serde_urlencoded::from_bytes(body)
@@ -178,6 +181,7 @@ impl Post {
                     "name" => post.name = Some(v),
                     "in-reply-to" => post.in_reply_to = Some(v),
                     "access_token" => post.access_token = Some(v),
+                    "pm-flow" => post.flow = Some(v),
                     _ => {}
                 }
             }
@@ -294,15 +298,26 @@ async fn create(app: &Arc<App>, grant: &Grant, post: Post) -> Result<Response<Bo
     {
         return Err(MpError::invalid("`in-reply-to` must be a message ID"));
     }
+    let flow = match post.flow.as_deref() {
+        None | Some("") => app.config.delivery.flow,
+        Some("channel") => crate::config::Flow::Channel,
+        Some("message") => crate::config::Flow::Message,
+        Some(other) => {
+            return Err(MpError::invalid(format!(
+                "pm-flow must be `channel` or `message`, not `{other}`"
+            )));
+        }
+    };
     let mut created = Vec::new();
     for r in recipients {
-        let msg = crate::sender::create_message(
+        let msg = crate::sender::create_message_in(
             app,
             &grant.me,
             &r,
             content.clone(),
             post.name.clone(),
             in_reply_to.clone(),
+            flow,
         )
         .await
         .map_err(|e| MpError(StatusCode::INTERNAL_SERVER_ERROR, "server_error", e))?;

@@ -96,7 +96,7 @@ fn storage(e: StoreError) -> ProtoError {
 }
 
 /// Step 0: stores a new outgoing message durably, writes its copy to the
-/// site's sent folder, and queues it. Returns the stored message.
+/// site's sent folder, and queues it in the configured flow.
 pub async fn create_message(
     app: &Arc<App>,
     sender: &Identity,
@@ -104,6 +104,20 @@ pub async fn create_message(
     content: String,
     name: Option<String>,
     in_reply_to: Option<String>,
+) -> Result<OutMessage, String> {
+    let flow = app.config.delivery.flow;
+    create_message_in(app, sender, recipient, content, name, in_reply_to, flow).await
+}
+
+/// [`create_message`] in a chosen flow (Micropub's `pm-flow` extension).
+pub async fn create_message_in(
+    app: &Arc<App>,
+    sender: &Identity,
+    recipient: &Identity,
+    content: String,
+    name: Option<String>,
+    in_reply_to: Option<String>,
+    flow: Flow,
 ) -> Result<OutMessage, String> {
     let site = app
         .config
@@ -119,7 +133,7 @@ pub async fn create_message(
         name,
         in_reply_to,
         published: now.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
-        flow: match app.config.delivery.flow {
+        flow: match flow {
             Flow::Channel => "channel".into(),
             Flow::Message => "message".into(),
         },

@@ -65,17 +65,27 @@ impl Running {
     }
 }
 
-/// Binds, resumes the outgoing queue, and starts serving in the background.
+/// Binds `[server] listen`, then serves as [`start_on`] does.
 pub async fn start(config: crate::config::Config) -> Result<Running, ServeError> {
     let addr = config.listen_addr().map_err(ServeError::Config)?;
-    let store = Store::open(&config.server.data_dir)
-        .map_err(|e| ServeError::Store(config.server.data_dir.display().to_string(), e))?;
     let listener = TcpListener::bind(addr)
         .await
         .map_err(|e| ServeError::Bind(addr, e))?;
+    start_on(listener, config).await
+}
+
+/// Opens the store, resumes the outgoing queue, and serves `listener` in
+/// the background. (The demo binds first so that its config can name the
+/// port the system picked.)
+pub async fn start_on(
+    listener: TcpListener,
+    config: crate::config::Config,
+) -> Result<Running, ServeError> {
     let addr = listener
         .local_addr()
-        .map_err(|e| ServeError::Bind(addr, e))?;
+        .map_err(|e| ServeError::Bind(([0, 0, 0, 0], 0).into(), e))?;
+    let store = Store::open(&config.server.data_dir)
+        .map_err(|e| ServeError::Store(config.server.data_dir.display().to_string(), e))?;
     let app = App::new(config, store);
     crate::sender::resume(&app).map_err(|e| ServeError::Store("queue".into(), e))?;
     // `indiepm send` reads the address from here: `listen` may name port 0.
