@@ -34,8 +34,6 @@ pub struct App {
     pub handshakes_in_flight: Mutex<HashSet<(String, String)>>,
     /// Sender side: the outgoing queue.
     pub queue: Queue,
-    /// Sender side, message flow: tokens handed over in step 4, by message ID.
-    pub grants: Mutex<HashMap<String, crate::sender::Grant>>,
     /// Sender side, channel flow: when the last code was sent per (sender, recipient).
     pub codes_in_flight: Mutex<HashMap<(String, String), i64>>,
     /// Micropub: answers of the IndieAuth token endpoint.
@@ -57,7 +55,6 @@ impl App {
             per_client: RateLimiter::new(limits.notify_per_minute_per_client),
             handshakes_in_flight: Mutex::new(HashSet::new()),
             queue: Queue::default(),
-            grants: Mutex::new(HashMap::new()),
             codes_in_flight: Mutex::new(HashMap::new()),
             token_cache: Default::default(),
             config,

@@ -30,18 +30,10 @@ use crate::fetch::FetchError;
 use crate::identity::{Identity, same_endpoint};
 use crate::protocol::{self, ProtoError, Subject, hash_secret};
 use crate::server::{Body, json};
-use crate::store::{Channel, Code, OutMessage, State, StoreError};
+use crate::store::{Channel, Code, Grant, OutMessage, State, StoreError};
 
 /// Pushes and notifies in flight at once.
 const CONCURRENCY: usize = 64;
-
-/// A single-use token handed over in step 4 of the message flow.
-#[derive(Debug, Clone)]
-pub struct Grant {
-    pub token: String,
-    pub endpoint: String,
-    pub expires_ms: i64,
-}
 
 /// The in-memory schedule over the durable queue: (due time, message ID),
 /// with an index by ID so that rescheduling is cheap.
@@ -144,6 +136,7 @@ pub async fn create_message_in(
         created_ms: now.timestamp_millis(),
         notified_ms: None,
         delivered_ms: None,
+        grant: None,
     };
     app.store
         .create_message(msg.clone())
@@ -293,12 +286,13 @@ async fn attempt(app: &Arc<App>, id: &str) {
         return;
     }
     let outcome = if msg.flow == "message" {
-        let grant = lock(&app.grants).remove(&msg.id);
-        match grant.filter(|g| g.expires_ms > now_ms()) {
+        match &msg.grant {
+            // Even an expired grant is worth one push: if the receiver
+            // already stored the message, it answers 200 to its token.
             Some(g) => {
                 let out = push(app, &msg, &g.endpoint, &g.token).await;
-                if let Outcome::Retry(..) = out {
-                    lock(&app.grants).insert(msg.id.clone(), g);
+                if let Outcome::TokenRefused = out {
+                    let _ = app.store.update_message(&msg.id, |m| m.grant = None).await;
                 }
                 out
             }
@@ -612,14 +606,15 @@ pub async fn deliver(
         .map_err(|e| ProtoError::invalid_request(e.to_string()))?;
     match subject {
         Subject::Message(m) => {
-            lock(&app.grants).insert(
-                m.clone(),
-                Grant {
-                    token,
-                    endpoint,
-                    expires_ms: now_ms() + protocol::HANDSHAKE_SECS * 1000,
-                },
-            );
+            let grant = Grant {
+                token,
+                endpoint,
+                expires_ms: now_ms() + protocol::HANDSHAKE_SECS * 1000,
+            };
+            app.store
+                .update_message(&m, move |msg| msg.grant = Some(grant))
+                .await
+                .map_err(storage)?;
             tracing::info!(step = 5, %recipient, id = %m, "endpoint confirmed; pushing");
             app.queue.schedule(&m, now_ms());
         }

@@ -105,6 +105,20 @@ pub struct OutMessage {
     pub created_ms: i64,
     pub notified_ms: Option<i64>,
     pub delivered_ms: Option<i64>,
+    /// Message flow: the token and endpoint handed over in step 4. Kept
+    /// durably, so that a push interrupted by a restart is retried with the
+    /// same token, which the receiver answers `200` if it already stored
+    /// the message (a re-notify would be ignored as already received).
+    #[serde(default)]
+    pub grant: Option<Grant>,
+}
+
+/// A single-use token handed over in step 4 of the message flow.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Grant {
+    pub token: String,
+    pub endpoint: String,
+    pub expires_ms: i64,
 }
 
 /// A token this server issued as a receiver (steps 4 and 6).
@@ -283,7 +297,7 @@ impl Store {
                 out.push(m);
             }
         }
-        out.sort_by(|a, b| b.created_ms.cmp(&a.created_ms));
+        out.sort_by_key(|m| std::cmp::Reverse(m.created_ms));
         Ok(out)
     }
 
@@ -529,6 +543,7 @@ mod tests {
             created_ms: 0,
             notified_ms: None,
             delivered_ms: None,
+            grant: None,
         }
     }
 
