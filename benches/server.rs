@@ -1,0 +1,379 @@
+//! Server benchmark: N messages from Alice to Bob through the real servers
+//! (the release binary, as child processes) on loopback, in each flow, and
+//! in the same run the floor: the same number of bare hyper round trips a
+//! message needs, against a server that does nothing.
+//!
+//! Measured: messages per second (first creation to last file on disk),
+//! p50 and p99 latency from creation (Micropub's 202) to the inbox file
+//! appearing, and the receiving server's RSS idle and with 1,000
+//! handshakes in flight.
+//!
+//! Run: `cargo bench --bench server` (N with `BENCH_N`, default 2000).
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::{Request, Response};
+use hyper_util::rt::TokioIo;
+use indiepm::fetch::Fetcher;
+use indiepm::protocol::{hash_secret, new_secret};
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+
+/// Messages created at once through Micropub.
+const CONCURRENCY: usize = 32;
+
+struct Server {
+    child: Child,
+    addr: SocketAddr,
+    inbox: PathBuf,
+    token: String,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn rss_kb(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+fn free_port(ip: [u8; 4]) -> SocketAddr {
+    let l = std::net::TcpListener::bind(SocketAddr::from((ip, 0))).expect("bind a free port");
+    l.local_addr().expect("local addr")
+}
+
+/// Writes a homepage advertising `endpoint` and serves it on `ip`.
+async fn homepage(root: &Path, ip: [u8; 4], endpoint: &str, stop: &CancellationToken) -> String {
+    std::fs::create_dir_all(root).unwrap();
+    std::fs::write(
+        root.join("index.html"),
+        format!("<!doctype html><html><head><link rel=\"pm\" href=\"{endpoint}\"></head><body></body></html>"),
+    )
+    .unwrap();
+    let addr = indiepm::static_site::serve((ip, 0).into(), root.to_path_buf(), stop.clone())
+        .await
+        .unwrap();
+    format!("http://{addr}/")
+}
+
+fn start_server(dir: &Path, me: &str, addr: SocketAddr, flow: &str) -> Server {
+    let token = new_secret();
+    let config = format!(
+        r#"[server]
+listen = "{addr}"
+data_dir = "data"
+[network]
+allow_private = true
+[[site]]
+me = "{me}"
+endpoint = "http://{addr}/pm"
+content_dir = "content"
+[delivery]
+flow = "{flow}"
+retry_initial_secs = 0.2
+[limits]
+notify_per_minute_per_host = 1000000
+notify_per_minute_per_client = 1000000
+[auth]
+tokens = ["sha256:{}"]
+"#,
+        hash_secret(&token)
+    );
+    std::fs::create_dir_all(dir).unwrap();
+    std::fs::write(dir.join("pm.toml"), config).unwrap();
+    let child = Command::new(env!("CARGO_BIN_EXE_indiepm"))
+        .args(["serve", "--config"])
+        .arg(dir.join("pm.toml"))
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start indiepm serve");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(addr).is_err() {
+        assert!(Instant::now() < deadline, "server did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let config = indiepm::config::Config::load(&dir.join("pm.toml")).expect("valid config");
+    Server {
+        child,
+        addr,
+        inbox: config.sites[0].inbox_dir(),
+        token,
+    }
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i]
+}
+
+struct Run {
+    per_sec: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+}
+
+/// Sends `n` messages Alice → Bob and waits for every file.
+async fn run_flow(n: usize, alice: &Server, bob_url: &str, bob: &Server) -> Run {
+    let client = Fetcher::new(true);
+    let url = url::Url::parse(&format!("http://{}/micropub", alice.addr)).unwrap();
+    let slots = Arc::new(Semaphore::new(CONCURRENCY));
+    let created: Arc<std::sync::Mutex<HashMap<String, Instant>>> = Default::default();
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for i in 0..n {
+        let permit = slots.clone().acquire_owned().await.unwrap();
+        let (client, url, token, to, created) = (
+            client.clone(),
+            url.clone(),
+            alice.token.clone(),
+            bob_url.to_string(),
+            created.clone(),
+        );
+        tasks.push(tokio::spawn(async move {
+            let text = format!("benchmark message {i}");
+            let form = [
+                ("h", "entry"),
+                ("content", text.as_str()),
+                ("audience[]", to.as_str()),
+            ];
+            let r = client.post_form(&url, &form, Some(&token)).await.unwrap();
+            let v: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+            let id = v["messages"][0]["id"].as_str().unwrap().to_string();
+            created
+                .lock()
+                .unwrap()
+                .insert(id[..12].to_string(), Instant::now());
+            drop(permit);
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    // Files are named DATE-HOST-IDPREFIX(.md); match on the 12-char prefix.
+    let mut arrived: HashMap<String, Instant> = HashMap::new();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while arrived.len() < n {
+        assert!(
+            Instant::now() < deadline,
+            "only {} of {n} arrived",
+            arrived.len()
+        );
+        if let Ok(rd) = std::fs::read_dir(&bob.inbox) {
+            for e in rd.flatten() {
+                let name = e.file_name().to_string_lossy().to_string();
+                if !name.ends_with(".md") || name.starts_with('.') || name.starts_with('_') {
+                    continue;
+                }
+                let created = created.lock().unwrap();
+                if let Some(key) = created.keys().find(|k| name.contains(k.as_str()))
+                    && !arrived.contains_key(key)
+                {
+                    arrived.insert(key.clone(), Instant::now());
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let total = arrived.values().max().unwrap().duration_since(start);
+    let created = created.lock().unwrap();
+    let mut lat: Vec<f64> = arrived
+        .iter()
+        .map(|(k, t)| t.duration_since(created[k]).as_secs_f64() * 1000.0)
+        .collect();
+    lat.sort_by(|a, b| a.total_cmp(b));
+    Run {
+        per_sec: n as f64 / total.as_secs_f64(),
+        p50_ms: percentile(&lat, 0.5),
+        p99_ms: percentile(&lat, 0.99),
+    }
+}
+
+/// A server that answers every request at once: the floor.
+async fn bare_server(ip: [u8; 4], stop: CancellationToken) -> SocketAddr {
+    let listener = TcpListener::bind(SocketAddr::from((ip, 0))).await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let stream = tokio::select! {
+                r = listener.accept() => r.unwrap().0,
+                _ = stop.cancelled() => return,
+            };
+            tokio::spawn(async move {
+                let svc =
+                    hyper::service::service_fn(|_req: Request<hyper::body::Incoming>| async {
+                        Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(
+                            b"{\"status\":\"ok\"}",
+                        ))))
+                    });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+/// `n` messages of `trips` sequential POST round trips each, `CONCURRENCY` at once.
+async fn run_floor(n: usize, trips: usize, addr: SocketAddr) -> f64 {
+    let client = Fetcher::new(true);
+    let url = url::Url::parse(&format!("http://{addr}/pm")).unwrap();
+    let slots = Arc::new(Semaphore::new(CONCURRENCY));
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..n {
+        let permit = slots.clone().acquire_owned().await.unwrap();
+        let (client, url) = (client.clone(), url.clone());
+        tasks.push(tokio::spawn(async move {
+            for _ in 0..trips {
+                client
+                    .post_form(
+                        &url,
+                        &[("action", "message"), ("content", "benchmark message")],
+                        None,
+                    )
+                    .await
+                    .unwrap();
+            }
+            drop(permit);
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    n as f64 / start.elapsed().as_secs_f64()
+}
+
+/// Bob's RSS while 1,000 notifies wait on a sender whose homepage never answers.
+async fn rss_with_handshakes(bob: &Server, bob_url: &str, stop: &CancellationToken) -> u64 {
+    // A "sender homepage" that accepts and then stalls: handshakes pile up.
+    let listener = TcpListener::bind(SocketAddr::from(([127, 0, 0, 9], 0))).await.unwrap();
+    let slow = listener.local_addr().unwrap();
+    let stop2 = stop.clone();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        loop {
+            tokio::select! {
+                r = listener.accept() => if let Ok((s, _)) = r { held.push(s) },
+                _ = stop2.cancelled() => return,
+            }
+        }
+    });
+    let client = Fetcher::new(true);
+    let url = url::Url::parse(&format!("http://{}/pm", bob.addr)).unwrap();
+    let mut tasks = Vec::new();
+    for i in 0..1000 {
+        let (client, url, to) = (client.clone(), url.clone(), bob_url.to_string());
+        tasks.push(tokio::spawn(async move {
+            let sender = format!("http://{slow}/u{i}/");
+            let m = new_secret();
+            let form = [
+                ("action", "notify"),
+                ("sender", sender.as_str()),
+                ("recipient", to.as_str()),
+                ("message", m.as_str()),
+            ];
+            client.post_form(&url, &form, None).await.unwrap().status
+        }));
+    }
+    let mut accepted = 0;
+    for t in tasks {
+        if t.await.unwrap().as_u16() == 202 {
+            accepted += 1;
+        }
+    }
+    assert_eq!(accepted, 1000, "all notifies accepted");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    rss_kb(bob.child.id())
+}
+
+#[tokio::main]
+async fn main() {
+    let n: usize = std::env::var("BENCH_N")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(2000);
+    let tmp = tempfile::tempdir().unwrap();
+    let stop = CancellationToken::new();
+    println!(
+        "indiepm server benchmark: {n} messages Alice -> Bob per flow, {CONCURRENCY} created at once"
+    );
+    println!(
+        "{:<14} {:>10} {:>9} {:>9} {:>12} {:>8}",
+        "flow", "msgs/s", "p50 ms", "p99 ms", "floor msg/s", "ratio"
+    );
+    let mut idle_rss = 0;
+    for (flow, trips) in [("channel", 1usize), ("message", 6usize)] {
+        let dir = tmp.path().join(flow);
+        let (a_addr, b_addr) = (free_port([127, 0, 0, 2]), free_port([127, 0, 0, 3]));
+        let alice_url = homepage(
+            &dir.join("alice-site"),
+            [127, 0, 0, 2],
+            &format!("http://{a_addr}/pm"),
+            &stop,
+        )
+        .await;
+        let bob_url = homepage(
+            &dir.join("bob-site"),
+            [127, 0, 0, 3],
+            &format!("http://{b_addr}/pm"),
+            &stop,
+        )
+        .await;
+        let alice = start_server(&dir.join("alice"), &alice_url, a_addr, flow);
+        let bob = start_server(&dir.join("bob"), &bob_url, b_addr, flow);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        if flow == "channel" {
+            idle_rss = rss_kb(bob.child.id());
+        }
+        // Warm-up: one message (and, in the channel flow, the handshake).
+        let _ = run_flow(1, &alice, &bob_url, &bob).await;
+        std::fs::remove_dir_all(&bob.inbox).ok();
+        let run = run_flow(n, &alice, &bob_url, &bob).await;
+        let floor_addr = bare_server([127, 0, 0, 4], stop.clone()).await;
+        let floor = run_floor(n, trips, floor_addr).await;
+        println!(
+            "{:<14} {:>10.0} {:>9.1} {:>9.1} {:>12.0} {:>7.0}%",
+            format!("{flow} ({trips} trips)"),
+            run.per_sec,
+            run.p50_ms,
+            run.p99_ms,
+            floor,
+            run.per_sec / floor * 100.0
+        );
+        if flow == "message" {
+            let busy = rss_with_handshakes(&bob, &bob_url, &stop).await;
+            println!(
+                "\nreceiving server RSS: idle {:.1} MB, with 1,000 handshakes in flight {:.1} MB",
+                idle_rss as f64 / 1024.0,
+                busy as f64 / 1024.0
+            );
+        }
+    }
+    stop.cancel();
+}
