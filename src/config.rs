@@ -197,16 +197,31 @@ impl SiteConfig {
         Identity::parse(&self.me).unwrap_or_else(|_| unreachable!("validated at load"))
     }
 
-    /// The inbox folder: `content_dir/inbox` unless the config names another.
+    /// The inbox folder: `content_dir/inbox` unless the config names another
+    /// (`_inbox` for Jekyll, which never publishes `_` folders).
     pub fn inbox_dir(&self) -> PathBuf {
-        self.content_dir
-            .join(self.inbox.clone().unwrap_or_else(|| "inbox".into()))
+        self.content_dir.join(
+            self.inbox
+                .clone()
+                .unwrap_or_else(|| self.default_folder("inbox")),
+        )
     }
 
-    /// The sent folder, beside the inbox.
+    /// The sent folder, beside the inbox (`_sent` for Jekyll).
     pub fn sent_dir(&self) -> PathBuf {
-        self.content_dir
-            .join(self.sent.clone().unwrap_or_else(|| "sent".into()))
+        self.content_dir.join(
+            self.sent
+                .clone()
+                .unwrap_or_else(|| self.default_folder("sent")),
+        )
+    }
+
+    /// The folder name that the flavor's generator is safest with.
+    fn default_folder(&self, name: &str) -> PathBuf {
+        match self.flavor {
+            Flavor::Jekyll => format!("_{name}").into(),
+            Flavor::Hugo | Flavor::Zola | Flavor::Eleventy => name.into(),
+        }
     }
 }
 

@@ -10,6 +10,7 @@
 //! - [`inject`]: the build-time plugin that adds `<link rel="pm">` to a built site.
 //! - [`protocol`]: wire types, validation and the JSON errors of PROTOCOL.md.
 //! - [`store`]: durable state in redb (queue, tokens, codes, received messages).
+//! - [`inbox`]: the message files under the site's content folder, never published by its generator.
 //! - [`cmd`]: one module per subcommand of the binary.
 
 pub mod app;
