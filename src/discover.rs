@@ -53,8 +53,10 @@ pub fn find_endpoint(base: &Url, headers: &HeaderMap, body: &[u8], is_html: bool
     let from_header = headers
         .get_all(LINK)
         .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(parse_link_header)
+        // Not `to_str`: that refuses the whole value for one non-ASCII byte
+        // (a UTF-8 `title`, say) and would hide a valid entry beside it.
+        .map(|v| String::from_utf8_lossy(v.as_bytes()))
+        .flat_map(|v| parse_link_header(&v))
         .find(|link| rel_has_pm(&link.rel))
         .map(|link| link.target);
     let href = match from_header {

@@ -66,12 +66,56 @@ pub struct Fetched {
 #[derive(Clone)]
 pub struct Fetcher {
     client: reqwest::Client,
+    policy: Arc<AddressPolicy>,
+}
+
+/// Which addresses may be connected to.
+#[derive(Debug)]
+struct AddressPolicy {
+    /// Lifts the guard entirely.
     allow_private: bool,
+    /// Exact addresses that pass the guard although they are special
+    /// (compared in canonical form, so `::ffff:a.b.c.d` is `a.b.c.d`).
+    exempt: Vec<IpAddr>,
+}
+
+impl AddressPolicy {
+    /// Why `ip` may not be connected to under this policy, or `None`.
+    fn refusal(&self, ip: IpAddr) -> Option<&'static str> {
+        if self.allow_private {
+            return None;
+        }
+        let ip = ip.to_canonical();
+        if self.exempt.iter().any(|e| e.to_canonical() == ip) {
+            return None;
+        }
+        forbidden_reason(ip)
+    }
 }
 
 impl Fetcher {
     /// Builds the client. `allow_private` lifts the address guard (tests, LANs).
     pub fn new(allow_private: bool) -> Fetcher {
+        Fetcher::build(AddressPolicy {
+            allow_private,
+            exempt: Vec::new(),
+        })
+    }
+
+    /// A client with the address guard on, except for exactly the addresses
+    /// in `exempt` (say, the one LAN host an operator trusts). Every other
+    /// special address stays refused, on every hop, after name resolution.
+    /// The test suite uses it to check the guard on a redirect chain whose
+    /// first hop is allowed.
+    pub fn with_exempt_addresses(exempt: impl IntoIterator<Item = IpAddr>) -> Fetcher {
+        Fetcher::build(AddressPolicy {
+            allow_private: false,
+            exempt: exempt.into_iter().collect(),
+        })
+    }
+
+    fn build(policy: AddressPolicy) -> Fetcher {
+        let policy = Arc::new(policy);
         // reqwest is built without a default TLS crypto provider; ring is
         // installed once per process. A second install fails harmlessly.
         let _ = rustls::crypto::ring::default_provider().install_default();
@@ -81,20 +125,20 @@ impl Fetcher {
             .no_proxy()
             .timeout(TIMEOUT)
             .connect_timeout(TIMEOUT)
-            .dns_resolver(GuardedResolver { allow_private })
+            .dns_resolver(GuardedResolver {
+                policy: policy.clone(),
+            })
             .pool_idle_timeout(Duration::from_secs(30))
             .build()
             // Only fails when the TLS backend cannot start, which is a broken
             // build rather than a runtime condition.
             .expect("the HTTP client builds");
-        Fetcher {
-            client,
-            allow_private,
-        }
+        Fetcher { client, policy }
     }
 
+    /// Whether the address guard is lifted entirely.
     pub fn allows_private(&self) -> bool {
-        self.allow_private
+        self.policy.allow_private
     }
 
     /// GET `url`, following at most [`MAX_REDIRECTS`] redirects, all within [`TIMEOUT`].
@@ -121,7 +165,8 @@ impl Fetcher {
                 let next = resp
                     .headers()
                     .get(LOCATION)
-                    .and_then(|v| v.to_str().ok())
+                    // Some servers send raw UTF-8 here; `join` percent-encodes it.
+                    .and_then(|v| std::str::from_utf8(v.as_bytes()).ok())
                     .and_then(|loc| url.join(loc).ok())
                     .ok_or_else(|| FetchError::BadRedirect(url.clone()))?;
                 redirects += 1;
@@ -212,7 +257,7 @@ impl Fetcher {
         if url.scheme() != "http" && url.scheme() != "https" {
             return Err(FetchError::Scheme(url.clone()));
         }
-        if self.allow_private {
+        if self.policy.allow_private {
             return Ok(());
         }
         let ip = match url.host() {
@@ -221,7 +266,7 @@ impl Fetcher {
             Some(url::Host::Domain(_)) => return Ok(()),
             None => return Err(FetchError::Scheme(url.clone())),
         };
-        match forbidden_reason(ip) {
+        match self.policy.refusal(ip) {
             Some(why) => Err(FetchError::Forbidden(url.clone(), format!("{ip} is {why}"))),
             None => Ok(()),
         }
@@ -229,11 +274,8 @@ impl Fetcher {
 
     /// Defence in depth: the peer reqwest reports must pass the guard too.
     fn check_peer(&self, url: &Url, peer: Option<SocketAddr>) -> Result<(), FetchError> {
-        if self.allow_private {
-            return Ok(());
-        }
         if let Some(addr) = peer
-            && let Some(why) = forbidden_reason(addr.ip())
+            && let Some(why) = self.policy.refusal(addr.ip())
         {
             return Err(FetchError::Forbidden(
                 url.clone(),
@@ -281,13 +323,27 @@ fn http_error(url: &Url, e: reqwest::Error) -> FetchError {
     if e.is_timeout() {
         return FetchError::Timeout(url.clone());
     }
-    let mut msg = e.to_string();
+    // reqwest's own text repeats the URL; the innermost cause is the one
+    // that says what happened ("Connection refused (os error 111)").
+    let mut causes = Vec::new();
     let mut source = std::error::Error::source(&e);
     while let Some(err) = source {
-        msg = format!("{msg}: {err}");
+        causes.push(err.to_string());
         source = err.source();
     }
-    FetchError::Http(url.clone(), msg)
+    let what = if e.is_connect() {
+        if causes.iter().any(|c| c.starts_with("dns error")) {
+            "cannot resolve the host name"
+        } else {
+            "cannot connect"
+        }
+    } else if e.is_body() || e.is_decode() {
+        "the answer broke off"
+    } else {
+        "the request failed"
+    };
+    let detail = causes.pop().unwrap_or_else(|| e.to_string());
+    FetchError::Http(url.clone(), format!("{what}: {detail}"))
 }
 
 /// Why `ip` may not be connected to, or `None` when it is a public address.
@@ -337,8 +393,12 @@ fn forbidden_v6(ip: Ipv6Addr) -> Option<&'static str> {
         Some("a link-local address")
     } else if (seg0 & 0xfe00) == 0xfc00 {
         Some("a unique-local address")
-    } else if ip.segments()[..6] == [0, 0, 0, 0, 0, 0] {
-        // Deprecated IPv4-compatible addresses (::a.b.c.d).
+    } else if ip.segments()[..6] == [0, 0, 0, 0, 0, 0]
+        // Deprecated IPv4-compatible addresses (::a.b.c.d), and the NAT64
+        // well-known prefix (RFC 6052), whose gateway connects on to the
+        // embedded IPv4 address: both are judged by that address.
+        || ip.segments()[..6] == [0x64, 0xff9b, 0, 0, 0, 0]
+    {
         forbidden_v4(Ipv4Addr::from_bits(ip.to_bits() as u32))
     } else {
         None
@@ -358,23 +418,20 @@ impl std::error::Error for BlockedAddress {}
 /// Resolves with the system resolver, then keeps only the addresses the
 /// guard allows: the connector dials only what this returns.
 struct GuardedResolver {
-    allow_private: bool,
+    policy: Arc<AddressPolicy>,
 }
 
 impl dns::Resolve for GuardedResolver {
     fn resolve(&self, name: dns::Name) -> dns::Resolving {
-        let allow_private = self.allow_private;
+        let policy = self.policy.clone();
         let host = name.as_str().to_string();
         Box::pin(async move {
             let addrs: Vec<SocketAddr> =
                 tokio::net::lookup_host((host.as_str(), 0)).await?.collect();
-            if allow_private {
-                return Ok(Box::new(addrs.into_iter()) as dns::Addrs);
-            }
             let mut refused = None;
             let allowed: Vec<SocketAddr> = addrs
                 .into_iter()
-                .filter(|a| match forbidden_reason(a.ip()) {
+                .filter(|a| match policy.refusal(a.ip()) {
                     Some(why) => {
                         refused.get_or_insert_with(|| {
                             format!("{host} resolves to {} ({why})", a.ip())
@@ -384,13 +441,13 @@ impl dns::Resolve for GuardedResolver {
                     None => true,
                 })
                 .collect();
-            if allowed.is_empty() {
-                let why = refused.unwrap_or_else(|| format!("{host} has no address"));
-                return Err(
-                    Box::new(BlockedAddress(why)) as Box<dyn std::error::Error + Send + Sync>
-                );
+            match refused {
+                // Every address it has is refused: say why, not "no address".
+                Some(why) if allowed.is_empty() => {
+                    Err(Box::new(BlockedAddress(why)) as Box<dyn std::error::Error + Send + Sync>)
+                }
+                _ => Ok(Box::new(allowed.into_iter()) as dns::Addrs),
             }
-            Ok(Box::new(allowed.into_iter()) as dns::Addrs)
         })
     }
 }
@@ -423,6 +480,8 @@ mod tests {
             "ff02::1",
             "::ffff:127.0.0.1",
             "::ffff:10.0.0.1",
+            "64:ff9b::127.0.0.1",
+            "64:ff9b::192.168.0.1",
         ] {
             let ip: IpAddr = bad.parse().unwrap();
             assert!(forbidden_reason(ip).is_some(), "{bad} should be refused");
@@ -432,6 +491,7 @@ mod tests {
             "1.1.1.1",
             "2606:4700::1111",
             "::ffff:1.1.1.1",
+            "64:ff9b::1.1.1.1",
         ] {
             let ip: IpAddr = good.parse().unwrap();
             assert!(forbidden_reason(ip).is_none(), "{good} should be allowed");
