@@ -38,6 +38,8 @@ pub struct App {
     pub codes_in_flight: Mutex<HashMap<(String, String), i64>>,
     /// Micropub: answers of the IndieAuth token endpoint.
     pub token_cache: crate::micropub::TokenCache,
+    /// Web UI: sign-in rate limits, pending IndieAuth sign-ins, form flashes.
+    pub web: crate::web::WebState,
 }
 
 impl App {
@@ -57,6 +59,7 @@ impl App {
             queue: Queue::default(),
             codes_in_flight: Mutex::new(HashMap::new()),
             token_cache: Default::default(),
+            web: Default::default(),
             config,
         })
     }

@@ -189,6 +189,10 @@ pub struct SiteConfig {
     /// A URL that gets a JSON POST for every new message.
     #[serde(default)]
     pub webhook: Option<String>,
+    /// Web UI password for this site alone, as an argon2 PHC string
+    /// (`indiepm password` makes one); `[auth] password` acts for the first site.
+    #[serde(default)]
+    pub password: Option<String>,
 }
 
 impl SiteConfig {
@@ -283,6 +287,9 @@ impl Config {
             for t in &site.tokens {
                 check_token_hash(t)?;
             }
+            if let Some(p) = &site.password {
+                check_password_hash(p).map_err(|e| format!("[[site]] password: {e}"))?;
+            }
         }
         let mut seen = std::collections::HashSet::new();
         for site in &self.sites {
@@ -292,6 +299,9 @@ impl Config {
         }
         for t in &self.auth.tokens {
             check_token_hash(t)?;
+        }
+        if let Some(p) = &self.auth.password {
+            check_password_hash(p).map_err(|e| format!("[auth] password: {e}"))?;
         }
         if let Some(ep) = &self.auth.token_endpoint {
             parse_http_url(ep).map_err(|e| format!("[auth] token_endpoint: {e}"))?;
@@ -343,6 +353,17 @@ fn check_token_hash(t: &str) -> Result<(), String> {
         _ => Err(format!(
             "token `{t}` must be `sha256:` and 64 hex digits (run `indiepm token` to make one)"
         )),
+    }
+}
+
+/// An argon2 PHC string (`$argon2id$v=19$m=...,t=...,p=...$salt$hash`).
+fn check_password_hash(p: &str) -> Result<(), String> {
+    match argon2::PasswordHash::new(p) {
+        Ok(h) if h.algorithm.as_str().starts_with("argon2") && h.hash.is_some() => Ok(()),
+        _ => Err(
+            "must be an argon2 hash such as \"$argon2id$v=19$...\" (run `indiepm password` to make one)"
+                .into(),
+        ),
     }
 }
 

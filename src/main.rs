@@ -24,6 +24,7 @@ enum Command {
     Inject(cmd::inject::Args),
     Discover(cmd::discover::Args),
     Token(cmd::token::Args),
+    Password(cmd::password::Args),
 }
 
 fn main() -> ExitCode {
@@ -32,6 +33,7 @@ fn main() -> ExitCode {
         Command::Serve(args) => cmd::serve::run(args),
         Command::Send(args) => cmd::send::run(args),
         Command::Token(args) => cmd::token::run(args),
+        Command::Password(args) => cmd::password::run(args),
         Command::Inject(args) => cmd::inject::run(args),
         Command::Discover(args) => cmd::discover::run(args),
     };

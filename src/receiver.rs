@@ -16,6 +16,7 @@ use serde_json::json;
 use url::Url;
 
 use crate::app::{App, lock, now_ms};
+use crate::config::SiteConfig;
 use crate::identity::Identity;
 use crate::inbox::{self, Folder, MessageFile};
 use crate::protocol::{self, ProtoError, Push, Subject, hash_secret, hashes_equal};
@@ -44,6 +45,19 @@ pub fn is_blocked(block: &[String], sender: &Identity) -> bool {
     })
 }
 
+/// Is `sender` blocked by `site`: by the config's `block` list, or by the
+/// owner in the web UI (kept in the store)?
+fn blocked(app: &App, site: &SiteConfig, sender: &Identity) -> Result<bool, ProtoError> {
+    if is_blocked(&site.block, sender) {
+        return Ok(true);
+    }
+    let owner_blocks = app
+        .store
+        .blocks(site.identity().as_str())
+        .map_err(storage)?;
+    Ok(is_blocked(&owner_blocks, sender))
+}
+
 /// Step 2, receiving side: `notify`.
 pub async fn notify(
     app: &Arc<App>,
@@ -66,7 +80,7 @@ pub async fn notify(
     if let Err(wait) = app.per_client.check(&peer.ip().to_string()) {
         return Err(ProtoError::rate_limited(wait));
     }
-    if is_blocked(&site.block, &sender_id) {
+    if blocked(app, site, &sender_id)? {
         tracing::info!(step = 2, %sender, %recipient, "notify from a blocked sender dropped");
         return Ok(accepted());
     }
@@ -268,6 +282,14 @@ pub async fn message(
             push.recipient
         )));
     };
+    // Blocking revokes what the sender holds: a channel token issued before
+    // the block carries no more messages.
+    if Identity::parse(&push.sender).is_ok_and(|s| blocked(app, site, &s).unwrap_or(false)) {
+        tracing::info!(step = 6, sender = %push.sender, "message from a blocked sender refused");
+        return Err(ProtoError::invalid_token(
+            "token not valid for this message",
+        ));
+    }
     if push.content.len() > app.config.limits.max_content_bytes {
         return Err(ProtoError::too_large(format!(
             "content is over {} bytes",

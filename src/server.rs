@@ -184,7 +184,7 @@ async fn handle(app: &Arc<App>, req: Request<Incoming>, peer: SocketAddr) -> Res
         return crate::micropub::handle(app, req).await;
     }
     if path == "/ui" || path.starts_with("/ui/") {
-        return crate::web::handle(app, req).await;
+        return crate::web::handle(app, req, peer).await;
     }
     text(StatusCode::NOT_FOUND, "not found\n")
 }

@@ -31,6 +31,12 @@ const HANDSHAKES: TableDefinition<&str, &str> = TableDefinition::new("handshakes
 const CODES: TableDefinition<&str, &[u8]> = TableDefinition::new("codes");
 /// Channel tokens this server holds as a sender, by `sender \n recipient`.
 const CHANNELS: TableDefinition<&str, &[u8]> = TableDefinition::new("channels");
+/// Web UI sessions by SHA-256 of the session secret (never the secret itself).
+const UI_SESSIONS: TableDefinition<&str, &[u8]> = TableDefinition::new("ui_sessions");
+/// Received messages the owner has opened, by `recipient \n sender \n message-id`: when.
+const UI_READ: TableDefinition<&str, i64> = TableDefinition::new("ui_read");
+/// Senders the owner blocked in the web UI, by `recipient \n identity-or-domain`: when.
+const UI_BLOCKS: TableDefinition<&str, i64> = TableDefinition::new("ui_blocks");
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -164,6 +170,19 @@ pub struct Channel {
     pub expires_ms: i64,
 }
 
+/// A signed-in web UI session: for one site (identity).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct UiSession {
+    /// The site identity (canonical) the session acts for.
+    pub me: String,
+    /// The per-session CSRF token every form carries.
+    pub csrf: String,
+    pub created_ms: i64,
+    pub expires_ms: i64,
+    /// How the owner signed in: `password` or `indieauth`.
+    pub method: String,
+}
+
 /// Outcome of recording a received message.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RecordOutcome {
@@ -211,6 +230,9 @@ impl Store {
         txn.open_table(HANDSHAKES)?;
         txn.open_table(CODES)?;
         txn.open_table(CHANNELS)?;
+        txn.open_table(UI_SESSIONS)?;
+        txn.open_table(UI_READ)?;
+        txn.open_table(UI_BLOCKS)?;
         txn.commit()?;
         let db = Arc::new(db);
         let (writer, jobs) = mpsc::channel::<Job>();
@@ -468,6 +490,119 @@ impl Store {
             Ok(RecordOutcome::Created)
         })
         .await
+    }
+
+    // ----- web UI (src/web) ---------------------------------------------
+
+    /// Stores a new session by the hash of its secret, and forgets expired ones.
+    pub async fn put_session(&self, hash: String, session: UiSession) -> Result<()> {
+        let now = session.created_ms;
+        self.write(move |txn| {
+            let mut t = txn.open_table(UI_SESSIONS)?;
+            let mut expired = Vec::new();
+            for entry in t.iter()? {
+                let (k, v) = entry?;
+                let old: Option<UiSession> = serde_json::from_slice(v.value()).ok();
+                if old.is_none_or(|o| o.expires_ms <= now) {
+                    expired.push(k.value().to_string());
+                }
+            }
+            for k in expired {
+                t.remove(k.as_str())?;
+            }
+            t.insert(hash.as_str(), to_json(&session).as_slice())?;
+            Ok(())
+        })
+        .await
+    }
+
+    pub fn session(&self, hash: &str) -> Result<Option<UiSession>> {
+        self.read_json(UI_SESSIONS, hash)
+    }
+
+    pub async fn remove_session(&self, hash: String) -> Result<()> {
+        self.write(move |txn| {
+            txn.open_table(UI_SESSIONS)?.remove(hash.as_str())?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// Marks the received message `(sender, id)` of `recipient` as read.
+    pub async fn mark_read(
+        &self,
+        recipient: &str,
+        sender: &str,
+        id: &str,
+        at_ms: i64,
+    ) -> Result<()> {
+        let key = format!("{recipient}\n{sender}\n{id}");
+        self.write(move |txn| {
+            let mut t = txn.open_table(UI_READ)?;
+            if t.get(key.as_str())?.is_none() {
+                t.insert(key.as_str(), at_ms)?;
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    /// The `(sender, id)` pairs of `recipient`'s messages that were opened.
+    pub fn read_marks(
+        &self,
+        recipient: &str,
+    ) -> Result<std::collections::HashSet<(String, String)>> {
+        let txn = self.db.begin_read()?;
+        let t = txn.open_table(UI_READ)?;
+        let prefix = format!("{recipient}\n");
+        let mut out = std::collections::HashSet::new();
+        for entry in t.range(prefix.as_str()..)? {
+            let (k, _) = entry?;
+            let Some(rest) = k.value().strip_prefix(prefix.as_str()) else {
+                break;
+            };
+            if let Some((sender, id)) = rest.split_once('\n') {
+                out.insert((sender.to_string(), id.to_string()));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Adds (`true`) or removes (`false`) a blocklist entry of `recipient`.
+    pub async fn set_blocked(
+        &self,
+        recipient: &str,
+        entry: &str,
+        blocked: bool,
+        at_ms: i64,
+    ) -> Result<()> {
+        let key = key2(recipient, entry);
+        self.write(move |txn| {
+            let mut t = txn.open_table(UI_BLOCKS)?;
+            if blocked {
+                t.insert(key.as_str(), at_ms)?;
+            } else {
+                t.remove(key.as_str())?;
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    /// The blocklist entries (identity URLs or domains) `recipient` added in the web UI.
+    pub fn blocks(&self, recipient: &str) -> Result<Vec<String>> {
+        let txn = self.db.begin_read()?;
+        let t = txn.open_table(UI_BLOCKS)?;
+        let prefix = format!("{recipient}\n");
+        let mut out = Vec::new();
+        for entry in t.range(prefix.as_str()..)? {
+            let (k, _) = entry?;
+            let Some(rest) = k.value().strip_prefix(prefix.as_str()) else {
+                break;
+            };
+            out.push(rest.to_string());
+        }
+        Ok(out)
     }
 }
 

@@ -6,6 +6,7 @@ use std::process::ExitCode;
 
 pub mod discover;
 pub mod inject;
+pub mod password;
 pub mod send;
 pub mod serve;
 pub mod token;
