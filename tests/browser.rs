@@ -7,7 +7,10 @@
 //! watches it become `delivered` in Alice's outbox, signs in on Bob's
 //! server, finds it unread in Bob's inbox, opens it (Markdown rendered, raw
 //! HTML shown as text), replies, and finds the reply in Alice's inbox in
-//! the same conversation.
+//! the same conversation. Then Alice signs out and back in with her domain
+//! (IndieAuth), through a fake authorization server on another address:
+//! the round trip through another site must still end in a session,
+//! although the session cookie is SameSite=Strict.
 //!
 //! Cookies: the session cookie is `Secure`, and these servers speak plain
 //! HTTP on 127.0.0.x. Chromium treats loopback addresses as secure
@@ -51,7 +54,8 @@ fn cheap_hash(password: &str) -> String {
         .to_string()
 }
 
-async fn person(root: &Path, name: &str, full_name: &str) -> Person {
+/// `head` is extra HTML for the homepage's `<head>`.
+async fn person(root: &Path, name: &str, full_name: &str, head: &str) -> Person {
     let ip: IpAddr = next_ip();
     let dir = root.join(name);
     std::fs::create_dir_all(dir.join("www")).unwrap();
@@ -63,7 +67,7 @@ async fn person(root: &Path, name: &str, full_name: &str) -> Person {
         dir.join("www/index.html"),
         format!(
             r#"<!doctype html><html><head><title>{full_name}</title>
-<link rel="pm" href="http://{pm}/pm"></head>
+<link rel="pm" href="http://{pm}/pm">{head}</head>
 <body><a class="h-card" href="/">{full_name}</a></body></html>"#
         ),
     )
@@ -359,14 +363,22 @@ async fn exchange(c: &Client, alice: &Person, bob: &Person) -> Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sign_in_send_and_read_in_a_real_browser() {
     let root = tempfile::tempdir().unwrap();
-    let alice = person(root.path(), "alice", "Alice Example").await;
-    let bob = person(root.path(), "bob", "Bob Builder").await;
+    let auth = FakeAuthServer::start().await;
+    let alice_head = format!(
+        r#"<link rel="authorization_endpoint" href="{}">"#,
+        auth.endpoint
+    );
+    let alice = person(root.path(), "alice", "Alice Example", &alice_head).await;
+    let bob = person(root.path(), "bob", "Bob Builder", "").await;
     let driver = start_driver().await.expect("chromedriver");
     let profile = tempfile::tempdir().unwrap();
     let client = browser(&driver, profile.path())
         .await
         .expect("a Chromium session");
-    let outcome = exchange(&client, &alice, &bob).await;
+    let mut outcome = exchange(&client, &alice, &bob).await;
+    if outcome.is_ok() {
+        outcome = indieauth(&client, &alice, &auth).await;
+    }
     // Close the browser whatever happened, then report.
     let _ = client.close().await;
     drop(driver);
@@ -375,4 +387,151 @@ async fn sign_in_send_and_read_in_a_real_browser() {
     if let Err(e) = outcome {
         panic!("{e}");
     }
+}
+
+// ---------------------------------------------------------------------------
+// IndieAuth sign-in, with a fake authorization server that approves at once
+
+/// An IndieAuth authorization endpoint that approves every request for the
+/// `me` it was asked about, and checks PKCE, client_id and redirect_uri
+/// when the code is redeemed.
+struct FakeAuthServer {
+    endpoint: String,
+    /// Codes handed out: code → (challenge, me, client_id, redirect_uri).
+    codes: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String, [String; 4]>>>,
+    /// How many codes were redeemed successfully.
+    redeemed: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl FakeAuthServer {
+    async fn start() -> FakeAuthServer {
+        use std::sync::atomic::Ordering;
+        let listener = tokio::net::TcpListener::bind(SocketAddr::new(next_ip(), 0))
+            .await
+            .unwrap();
+        let endpoint = format!("http://{}/auth", listener.local_addr().unwrap());
+        let codes: std::sync::Arc<
+            std::sync::Mutex<std::collections::HashMap<String, [String; 4]>>,
+        > = Default::default();
+        let redeemed: std::sync::Arc<std::sync::atomic::AtomicUsize> = Default::default();
+        let (codes2, redeemed2) = (codes.clone(), redeemed.clone());
+        tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    return;
+                };
+                let (codes, redeemed) = (codes2.clone(), redeemed2.clone());
+                let service = hyper::service::service_fn(
+                    move |req: hyper::Request<hyper::body::Incoming>| {
+                        let (codes, redeemed) = (codes.clone(), redeemed.clone());
+                        async move {
+                            use http_body_util::BodyExt;
+                            let method = req.method().clone();
+                            let query: std::collections::HashMap<String, String> =
+                                serde_urlencoded::from_str(req.uri().query().unwrap_or(""))
+                                    .unwrap_or_default();
+                            let body = req
+                                .into_body()
+                                .collect()
+                                .await
+                                .map(|b| b.to_bytes())
+                                .unwrap_or_default();
+                            let mut resp = hyper::Response::new(http_body_util::Full::new(
+                                bytes::Bytes::new(),
+                            ));
+                            if method == hyper::Method::GET {
+                                // The authorization request: approve it.
+                                let code = indiepm::protocol::new_secret();
+                                let get = |k: &str| query.get(k).cloned().unwrap_or_default();
+                                assert_eq!(get("response_type"), "code");
+                                assert_eq!(get("code_challenge_method"), "S256");
+                                codes.lock().unwrap().insert(
+                                    code.clone(),
+                                    [
+                                        get("code_challenge"),
+                                        get("me"),
+                                        get("client_id"),
+                                        get("redirect_uri"),
+                                    ],
+                                );
+                                let mut back = url::Url::parse(&get("redirect_uri")).unwrap();
+                                back.query_pairs_mut()
+                                    .append_pair("code", &code)
+                                    .append_pair("state", &get("state"));
+                                *resp.status_mut() = hyper::StatusCode::FOUND;
+                                resp.headers_mut().insert(
+                                    hyper::header::LOCATION,
+                                    back.as_str().parse().unwrap(),
+                                );
+                            } else {
+                                // The code redemption.
+                                let form: std::collections::HashMap<String, String> =
+                                    serde_urlencoded::from_bytes(&body).unwrap_or_default();
+                                let get = |k: &str| form.get(k).cloned().unwrap_or_default();
+                                let entry = codes.lock().unwrap().remove(&get("code"));
+                                let answer = entry.filter(|[challenge, _, client_id, redirect]| {
+                                    use base64::Engine;
+                                    use sha2::Digest;
+                                    let computed = base64::engine::general_purpose::URL_SAFE_NO_PAD
+                                        .encode(sha2::Sha256::digest(get("code_verifier")));
+                                    get("grant_type") == "authorization_code"
+                                        && computed == *challenge
+                                        && get("client_id") == *client_id
+                                        && get("redirect_uri") == *redirect
+                                });
+                                match answer {
+                                    Some([_, me, _, _]) => {
+                                        redeemed.fetch_add(1, Ordering::SeqCst);
+                                        *resp.body_mut() = http_body_util::Full::new(
+                                            serde_json::json!({ "me": me }).to_string().into(),
+                                        );
+                                    }
+                                    None => *resp.status_mut() = hyper::StatusCode::BAD_REQUEST,
+                                }
+                                resp.headers_mut().insert(
+                                    hyper::header::CONTENT_TYPE,
+                                    "application/json".parse().unwrap(),
+                                );
+                            }
+                            Ok::<_, std::convert::Infallible>(resp)
+                        }
+                    },
+                );
+                tokio::spawn(
+                    hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(stream), service),
+                );
+            }
+        });
+        FakeAuthServer {
+            endpoint,
+            codes,
+            redeemed,
+        }
+    }
+}
+
+/// Alice signs out, then signs in again with her domain: the browser goes
+/// to the authorization server (another site) and back, and lands in her
+/// inbox with a session, although the session cookie is SameSite=Strict.
+async fn indieauth(c: &Client, alice: &Person, auth: &FakeAuthServer) -> Result<()> {
+    c.goto(&alice.ui).await?;
+    submit(c, "form[action='/ui/signout']", "/ui/signin").await?;
+    assert!(c.source().await?.contains("You are signed out."));
+    c.goto(&format!("{}outbox", alice.ui)).await?;
+    assert_eq!(c.current_url().await?.path(), "/ui/signin");
+    // Through /ui/indieauth/go, the authorization server, the callback and
+    // its page, back to where she was going.
+    submit(c, "form[action='/ui/indieauth']", "/ui/outbox").await?;
+    assert_eq!(
+        auth.redeemed.load(std::sync::atomic::Ordering::SeqCst),
+        1,
+        "the code was redeemed with its verifier"
+    );
+    assert!(auth.codes.lock().unwrap().is_empty());
+    let page = c.source().await?;
+    assert!(page.contains("Lunch on Friday?"), "{page}");
+    let cookie = c.get_named_cookie("pm_session").await?;
+    assert_eq!(format!("{:?}", cookie.same_site()), "Some(Strict)");
+    Ok(())
 }
