@@ -272,7 +272,9 @@ async fn run_floor(n: usize, trips: usize, addr: SocketAddr) -> f64 {
 /// Bob's RSS while 1,000 notifies wait on a sender whose homepage never answers.
 async fn rss_with_handshakes(bob: &Server, bob_url: &str, stop: &CancellationToken) -> u64 {
     // A "sender homepage" that accepts and then stalls: handshakes pile up.
-    let listener = TcpListener::bind(SocketAddr::from(([127, 0, 0, 9], 0))).await.unwrap();
+    let listener = TcpListener::bind(SocketAddr::from(([127, 0, 0, 9], 0)))
+        .await
+        .unwrap();
     let slow = listener.local_addr().unwrap();
     let stop2 = stop.clone();
     tokio::spawn(async move {
