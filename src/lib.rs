@@ -16,6 +16,7 @@
 pub mod app;
 pub mod cmd;
 pub mod config;
+pub mod demo_site;
 pub mod discover;
 pub mod fetch;
 pub mod hcard;

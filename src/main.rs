@@ -19,6 +19,7 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    Demo(cmd::demo::Args),
     Serve(cmd::serve::Args),
     Send(cmd::send::Args),
     Inject(cmd::inject::Args),
@@ -30,6 +31,7 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
+        Command::Demo(args) => cmd::demo::run(args),
         Command::Serve(args) => cmd::serve::run(args),
         Command::Send(args) => cmd::send::run(args),
         Command::Token(args) => cmd::token::run(args),

@@ -409,7 +409,7 @@ async fn notify(app: &Arc<App>, msg: &OutMessage, subject: Subject) -> Outcome {
         .await;
     match classify("step 2 notify", r, &[StatusCode::ACCEPTED]) {
         Outcome::Done => {
-            tracing::info!(step = 2, id = %msg.id, recipient = %msg.recipient, kind = %subject.param(), "notify accepted");
+            tracing::info!(step = 2, id = %msg.id, recipient = %msg.recipient, kind = %subject.param(), "notify sent and accepted");
             let renotify = now_ms() + (app.config.delivery.renotify_after_secs * 1000.0) as i64;
             let _ = app
                 .store

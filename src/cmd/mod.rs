@@ -4,6 +4,7 @@
 
 use std::process::ExitCode;
 
+pub mod demo;
 pub mod discover;
 pub mod inject;
 pub mod password;
