@@ -208,6 +208,14 @@ impl DiscoveryCache {
         Ok(found)
     }
 
+    /// Whether a fresh result for `identity` is cached (the next
+    /// [`DiscoveryCache::discover`] will not fetch).
+    pub fn contains(&self, identity: &Url) -> bool {
+        self.lock()
+            .get(identity.as_str())
+            .is_some_and(|(at, _)| at.elapsed() < CACHE_TTL)
+    }
+
     /// Forgets `identity`, e.g. after its endpoint refused us.
     pub fn forget(&self, identity: &Url) {
         self.lock().remove(identity.as_str());

@@ -5,10 +5,18 @@
 
 use std::path::Path;
 use std::sync::Arc;
+use std::time::Duration;
 
 use serde_json::json;
+use tokio::sync::Semaphore;
 
 use crate::app::App;
+
+/// Hook commands running at once; more wait their turn (a flood of
+/// messages must not become a flood of processes).
+static HOOK_SLOTS: Semaphore = Semaphore::const_new(4);
+/// A hook command still running after this is killed.
+const HOOK_TIMEOUT: Duration = Duration::from_secs(30);
 
 pub fn message_received(app: &Arc<App>, recipient: &str, sender: &str, id: &str, path: &Path) {
     let Some(site) = app.site(recipient) else {
@@ -17,19 +25,24 @@ pub fn message_received(app: &Arc<App>, recipient: &str, sender: &str, id: &str,
     if let Some(cmd) = site.on_message.clone() {
         let path = path.to_path_buf();
         app.tracker.spawn(async move {
+            let Ok(_slot) = HOOK_SLOTS.acquire().await else {
+                return;
+            };
             // The path is passed as an argument ("$1"), never pasted into the script.
-            let status = tokio::process::Command::new("sh")
+            let child = tokio::process::Command::new("sh")
                 .arg("-c")
                 .arg(format!("{cmd} \"$1\""))
                 .arg("indiepm-on-message")
                 .arg(&path)
                 .kill_on_drop(true)
-                .status()
-                .await;
-            match status {
-                Ok(s) if s.success() => tracing::info!(command = %cmd, "on_message ran"),
-                Ok(s) => tracing::warn!(command = %cmd, status = %s, "on_message failed"),
-                Err(e) => tracing::warn!(command = %cmd, error = %e, "on_message could not start"),
+                .status();
+            match tokio::time::timeout(HOOK_TIMEOUT, child).await {
+                Ok(Ok(s)) if s.success() => tracing::info!(command = %cmd, "on_message ran"),
+                Ok(Ok(s)) => tracing::warn!(command = %cmd, status = %s, "on_message failed"),
+                Ok(Err(e)) => {
+                    tracing::warn!(command = %cmd, error = %e, "on_message could not start")
+                }
+                Err(_) => tracing::warn!(command = %cmd, "on_message killed after 30 s"),
             }
         });
     }

@@ -99,12 +99,26 @@ async fn route(app: &Arc<App>, req: Request<Incoming>) -> Result<Response<Body>,
             }
         }
         Method::POST => {
-            let (parts, body) = read_body(req, MAX_BODY)
+            // A token in the header is checked before the body is read, so a
+            // stranger cannot make us buffer large bodies; without one, the
+            // body (which may carry `access_token`) is read with a smaller cap.
+            let early = match header_token {
+                Some(t) => Some(authorize(app, Some(t)).await?),
+                None => None,
+            };
+            let limit = if early.is_some() {
+                MAX_BODY
+            } else {
+                (app.config.limits.max_content_bytes * 3 + 16 * 1024).min(MAX_BODY)
+            };
+            let (parts, body) = read_body(req, limit)
                 .await
                 .map_err(|e| MpError::invalid(e.description))?;
             let post = Post::parse(&parts.headers, &body)?;
-            let token = header_token.or(post.access_token.clone());
-            let grant = authorize(app, token).await?;
+            let grant = match early {
+                Some(g) => g,
+                None => authorize(app, post.access_token.clone()).await?,
+            };
             if !grant.can_create {
                 return Err(MpError::insufficient_scope(
                     "the token's scope lacks `create`",

@@ -21,6 +21,22 @@ pub const HANDSHAKE_SECS: i64 = 600;
 /// Bounds of `expires_in` for channel tokens.
 pub const CHANNEL_SECS: std::ops::RangeInclusive<u64> = 60..=604_800;
 
+/// The parameters PROTOCOL.md defines; any other is ignored.
+const PARAMS: &[&str] = &[
+    "action",
+    "sender",
+    "recipient",
+    "message",
+    "code",
+    "endpoint",
+    "token",
+    "expires_in",
+    "published",
+    "content",
+    "name",
+    "in-reply-to",
+];
+
 /// An error answer: status, `error` code and a description for humans.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ProtoError {
@@ -183,10 +199,14 @@ impl Request {
     }
 
     /// Parses form parameters; unknown parameters are ignored (PROTOCOL.md).
-    /// A parameter given twice is malformed: which value counts would be a guess.
     pub fn parse(body: &[u8]) -> Result<Request, ProtoError> {
         let mut params: HashMap<String, String> = HashMap::new();
         for (k, v) in form_urlencoded_pairs(body)? {
+            // Unknown parameters are ignored, repeated or not; a protocol
+            // parameter given twice is malformed (which value counts would be a guess).
+            if !PARAMS.contains(&k.as_str()) {
+                continue;
+            }
             if params.insert(k.clone(), v).is_some() {
                 return Err(ProtoError::invalid_request(format!("`{k}` is given twice")));
             }
@@ -227,8 +247,12 @@ impl Request {
                 }
                 let expires_in = match (&subject, p.get("expires_in")) {
                     (Subject::Code(_), Some(n)) => Some(
-                        n.parse::<u64>()
-                            .ok()
+                        // Plain decimal digits only: no sign, no leading zero.
+                        Some(n)
+                            .filter(|n| {
+                                n.bytes().all(|b| b.is_ascii_digit()) && !n.starts_with('0')
+                            })
+                            .and_then(|n| n.parse::<u64>().ok())
                             .filter(|n| CHANNEL_SECS.contains(n))
                             .ok_or_else(|| {
                                 ProtoError::invalid_request(
@@ -396,6 +420,13 @@ mod tests {
             let e = Request::parse(body.as_bytes()).unwrap_err();
             assert_eq!(e.code, "invalid_request", "{body}");
         }
+    }
+
+    #[test]
+    fn unknown_parameters_are_ignored_even_repeated() {
+        let body =
+            format!("action=notify&x=1&x=2&sender=https://a/&recipient=https://b/&message={M}");
+        assert!(Request::parse(body.as_bytes()).is_ok());
     }
 
     #[test]

@@ -6,11 +6,14 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 const WINDOW: Duration = Duration::from_secs(60);
+/// Keys tracked at once; past this, new keys are refused until windows expire.
+const MAX_KEYS: usize = 100_000;
 
 /// Counts events per key in one-minute windows.
 pub struct RateLimiter {
     per_window: u32,
     windows: Mutex<HashMap<String, (Instant, u32)>>,
+    last_sweep: Mutex<Instant>,
 }
 
 impl RateLimiter {
@@ -18,6 +21,7 @@ impl RateLimiter {
         RateLimiter {
             per_window: per_minute,
             windows: Mutex::new(HashMap::new()),
+            last_sweep: Mutex::new(Instant::now()),
         }
     }
 
@@ -26,9 +30,19 @@ impl RateLimiter {
         let now = Instant::now();
         // The map holds plain counters, consistent even after a panic elsewhere.
         let mut windows = self.windows.lock().unwrap_or_else(|e| e.into_inner());
-        if windows.len() > 100_000 {
-            // Bound memory under a flood of distinct keys: old windows go first.
-            windows.retain(|_, (start, _)| now.duration_since(*start) < WINDOW);
+        if windows.len() >= MAX_KEYS && !windows.contains_key(key) {
+            // Bound memory under a flood of distinct keys: drop expired
+            // windows at most once a window; if the map is still full, a new
+            // key waits rather than growing it.
+            if now.duration_since(*self.last_sweep.lock().unwrap_or_else(|e| e.into_inner()))
+                >= WINDOW
+            {
+                windows.retain(|_, (start, _)| now.duration_since(*start) < WINDOW);
+                *self.last_sweep.lock().unwrap_or_else(|e| e.into_inner()) = now;
+            }
+            if windows.len() >= MAX_KEYS {
+                return Err(WINDOW.as_secs());
+            }
         }
         let entry = windows.entry(key.to_string()).or_insert((now, 0));
         if now.duration_since(entry.0) >= WINDOW {

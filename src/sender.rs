@@ -34,6 +34,8 @@ use crate::store::{Channel, Code, Grant, OutMessage, State, StoreError};
 
 /// Pushes and notifies in flight at once.
 const CONCURRENCY: usize = 64;
+/// The longest `Retry-After` honoured, in seconds.
+const MAX_RETRY_AFTER_SECS: u64 = 86_400;
 
 /// The in-memory schedule over the durable queue: (due time, message ID),
 /// with an index by ID so that rescheduling is cheap.
@@ -245,11 +247,13 @@ fn classify(
                 })
                 .unwrap_or_default();
             let msg = format!("{what} answered HTTP {} {detail}", resp.status.as_u16());
+            // A stranger's number: at most a day, so the schedule cannot overflow.
             let retry_after = resp
                 .headers
                 .get(reqwest::header::RETRY_AFTER)
                 .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.trim().parse::<u64>().ok());
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .map(|s| s.min(MAX_RETRY_AFTER_SECS));
             match resp.status.as_u16() {
                 401 => Outcome::TokenRefused,
                 429 | 408 => Outcome::Retry(msg, retry_after),
@@ -292,7 +296,16 @@ async fn attempt(app: &Arc<App>, id: &str) {
             Some(g) => {
                 let out = push(app, &msg, &g.endpoint, &g.token).await;
                 if let Outcome::TokenRefused = out {
-                    let _ = app.store.update_message(&msg.id, |m| m.grant = None).await;
+                    // Only this grant: a newer one may have arrived meanwhile.
+                    let refused = g.token.clone();
+                    let _ = app
+                        .store
+                        .update_message(&msg.id, move |m| {
+                            if m.grant.as_ref().is_some_and(|g| g.token == refused) {
+                                m.grant = None;
+                            }
+                        })
+                        .await;
                 }
                 out
             }
@@ -324,7 +337,7 @@ async fn attempt(app: &Arc<App>, id: &str) {
         Outcome::Retry(why, retry_after) => {
             let delay = backoff(app, msg.attempts + 1, retry_after);
             tracing::info!(id = %msg.id, attempt = msg.attempts + 1, retry_in_s = delay / 1000, "delivery attempt failed: {why}");
-            let next = now_ms() + delay;
+            let next = now_ms().saturating_add(delay);
             let _ = app
                 .store
                 .update_message(&msg.id, move |m| {
@@ -377,6 +390,7 @@ async fn notify(app: &Arc<App>, msg: &OutMessage, subject: Subject) -> Outcome {
         Ok(u) => u,
         Err(e) => return Outcome::Fatal(format!("bad recipient: {e}")),
     };
+    let from_cache = app.discovery.contains(&recipient);
     let endpoint = match app.discovery.discover(&app.fetcher, &recipient).await {
         Ok(Some(e)) => e,
         Ok(None) => {
@@ -428,9 +442,11 @@ async fn notify(app: &Arc<App>, msg: &OutMessage, subject: Subject) -> Outcome {
             app.discovery.forget(&recipient);
             Outcome::Retry("step 2 notify answered 401".into(), None)
         }
-        Outcome::Fatal(why) if why.contains("HTTP 404") || why.contains("HTTP 410") => {
+        // The endpoint may have moved since we cached it: judge only a
+        // refusal from a freshly discovered endpoint as final.
+        Outcome::Fatal(why) if from_cache => {
             app.discovery.forget(&recipient);
-            Outcome::Fatal(why)
+            Outcome::Retry(why, Some(0))
         }
         other => {
             app.discovery.forget(&recipient);
@@ -444,13 +460,19 @@ async fn notify(app: &Arc<App>, msg: &OutMessage, subject: Subject) -> Outcome {
 async fn channel_handshake(app: &Arc<App>, msg: &OutMessage) -> Outcome {
     let pair = (msg.sender.clone(), msg.recipient.clone());
     let renotify_ms = (app.config.delivery.renotify_after_secs * 1000.0) as i64;
-    let recent = lock(&app.codes_in_flight).get(&pair).copied();
-    if let Some(sent) = recent
-        && now_ms() - sent < renotify_ms.min(protocol::HANDSHAKE_SECS * 1000)
+    let window = renotify_ms.min(protocol::HANDSHAKE_SECS * 1000);
     {
-        // A handshake for this pair is under way; its deliver wakes us.
-        app.queue.schedule(&msg.id, sent + renotify_ms);
-        return Outcome::Done;
+        // Check and claim under one lock: a burst of messages to one
+        // recipient starts one handshake, not one each. The others wait for
+        // its deliver, which wakes every queued message of the pair.
+        let mut in_flight = lock(&app.codes_in_flight);
+        if let Some(&sent) = in_flight.get(&pair)
+            && now_ms() - sent < window
+        {
+            app.queue.schedule(&msg.id, sent + window);
+            return Outcome::Done;
+        }
+        in_flight.insert(pair.clone(), now_ms());
     }
     let code = protocol::new_secret();
     let put = app
@@ -466,9 +488,9 @@ async fn channel_handshake(app: &Arc<App>, msg: &OutMessage) -> Outcome {
         )
         .await;
     if let Err(e) = put {
+        lock(&app.codes_in_flight).remove(&pair);
         return Outcome::Retry(e.to_string(), Some(5));
     }
-    lock(&app.codes_in_flight).insert(pair.clone(), now_ms());
     let out = notify(app, msg, Subject::Code(code)).await;
     if !matches!(out, Outcome::Done) {
         lock(&app.codes_in_flight).remove(&pair);

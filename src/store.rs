@@ -6,9 +6,10 @@
 //! thread that commits whatever is queued in a single transaction (group
 //! commit): every caller still waits for its own data to be durable, but a
 //! burst of a thousand messages costs a handful of fsyncs instead of a
-//! thousand. Writes are closures that only read and write tables; they
-//! never fail for reasons of logic, so a failed batch is a storage failure
-//! and every caller in it gets the error.
+//! thousand. Writes are closures that only read and write tables. They fail
+//! only when storage fails (a record that does not decode is logged and
+//! treated as absent, never an error), so a failed batch is a storage
+//! failure and every caller in it gets the error.
 
 use std::path::Path;
 use std::sync::{Arc, mpsc};
@@ -212,6 +213,19 @@ fn to_json<T: Serialize>(v: &T) -> Vec<u8> {
     serde_json::to_vec(v).unwrap_or_default()
 }
 
+/// Decodes a record inside a write job: a record that does not decode is
+/// logged and treated as absent, so that it cannot fail the other writes
+/// committed in the same batch.
+fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Option<T> {
+    match serde_json::from_slice(bytes) {
+        Ok(v) => Some(v),
+        Err(e) => {
+            tracing::error!(error = %e, "a stored record does not decode; ignoring it");
+            None
+        }
+    }
+}
+
 fn from_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T> {
     serde_json::from_slice(bytes).map_err(|e| StoreError::Db(format!("corrupt record: {e}")))
 }
@@ -334,8 +348,7 @@ impl Store {
             let mut outbox = txn.open_table(OUTBOX)?;
             let Some(mut msg) = outbox
                 .get(id.as_str())?
-                .map(|v| from_json::<OutMessage>(v.value()))
-                .transpose()?
+                .and_then(|v| decode::<OutMessage>(v.value()))
             else {
                 return Ok(None);
             };
@@ -378,8 +391,7 @@ impl Store {
             let mut codes = txn.open_table(CODES)?;
             let Some(mut code) = codes
                 .get(code_hash.as_str())?
-                .map(|v| from_json::<Code>(v.value()))
-                .transpose()?
+                .and_then(|v| decode::<Code>(v.value()))
             else {
                 return Ok(false);
             };
@@ -409,8 +421,7 @@ impl Store {
             let mut t = txn.open_table(CHANNELS)?;
             let current = t
                 .get(key.as_str())?
-                .map(|v| from_json::<Channel>(v.value()))
-                .transpose()?;
+                .and_then(|v| decode::<Channel>(v.value()));
             if current.is_some_and(|c| c.token == token) {
                 t.remove(key.as_str())?;
             }
@@ -480,8 +491,7 @@ impl Store {
                 let mut tokens = txn.open_table(TOKENS)?;
                 let tok = tokens
                     .get(received.token_hash.as_str())?
-                    .map(|v| from_json::<IssuedToken>(v.value()))
-                    .transpose()?;
+                    .and_then(|v| decode::<IssuedToken>(v.value()));
                 if let Some(mut tok) = tok {
                     tok.used = true;
                     tokens.insert(received.token_hash.as_str(), to_json(&tok).as_slice())?;
