@@ -25,6 +25,7 @@ pub mod identity;
 pub mod inbox;
 pub mod inject;
 pub mod micropub;
+pub mod photos;
 pub mod protocol;
 pub mod ratelimit;
 pub mod receiver;

@@ -9,7 +9,7 @@ use hyper::{Response, StatusCode};
 use maud::{Markup, PreEscaped, html};
 
 use super::{Ctx, Form, compose, error_page, fmt_ms, fmt_time, html as page, layout, not_found};
-use crate::app::now_ms;
+use crate::app::{App, now_ms};
 use crate::config::SiteConfig;
 use crate::inbox::{StoredMessage, list_messages, read_message};
 use crate::server::Body;
@@ -175,8 +175,13 @@ pub fn thread(items: &[Item], start: usize) -> Vec<usize> {
     member.split_off(skip)
 }
 
-/// A round picture of the sender (https only), or their initial.
-pub fn avatar(name: Option<&str>, photo: Option<&str>, identity: &str) -> Markup {
+/// A round picture of the sender (the copy the server fetched, never the
+/// sender's URL), or their initial.
+pub fn avatar(app: &App, name: Option<&str>, photo: Option<&str>, identity: &str) -> Markup {
+    let data_dir = &app.config.server.data_dir;
+    let stored = photo
+        .filter(|p| crate::photos::is_stored(data_dir, p))
+        .map(|p| format!("/ui/photo/{}", crate::photos::key(p)));
     let label = name
         .map(str::to_string)
         .unwrap_or_else(|| super::short_identity(identity));
@@ -186,8 +191,8 @@ pub fn avatar(name: Option<&str>, photo: Option<&str>, identity: &str) -> Markup
         .map(|c| c.to_uppercase().collect())
         .unwrap_or_else(|| "?".into());
     html! {
-        @match photo.filter(|p| p.starts_with("https://")) {
-            Some(src) => img.avatar src=(src) alt="" loading="lazy" referrerpolicy="no-referrer";
+        @match stored {
+            Some(src) => img.avatar src=(src) alt="";
             None => span.avatar aria-hidden="true" { (initial) }
         }
     }
@@ -230,7 +235,13 @@ pub fn delivery(m: &OutMessage) -> Markup {
 
 /// A conversation, with `current` highlighted.
 /// A message's subject is shown unless it is the page's title already.
-pub fn render_thread(items: &[Item], members: &[usize], current: usize, title: &str) -> Markup {
+pub fn render_thread(
+    app: &App,
+    items: &[Item],
+    members: &[usize],
+    current: usize,
+    title: &str,
+) -> Markup {
     html! {
         div.thread {
             @for &i in members {
@@ -242,7 +253,7 @@ pub fn render_thread(items: &[Item], members: &[usize], current: usize, title: &
                         @if mine {
                             span.avatar aria-hidden="true" { "↗" }
                         } @else {
-                            (avatar(it.sender_name.as_deref(), it.sender_photo.as_deref(), &it.sender))
+                            (avatar(app, it.sender_name.as_deref(), it.sender_photo.as_deref(), &it.sender))
                         }
                         div.meta {
                             @if mine {
@@ -331,7 +342,7 @@ pub async fn list(ctx: &Ctx<'_>, query: &Form) -> Response<Body> {
                     @let file = m.path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
                     li class=[is_unread.then_some("unread")] {
                         a.row href=(format!("/ui/inbox/{file}")) {
-                            (avatar(m.sender_name.as_deref(), m.sender_photo.as_deref(), &m.sender))
+                            (avatar(ctx.app, m.sender_name.as_deref(), m.sender_photo.as_deref(), &m.sender))
                             span.who {
                                 @if is_unread { span.dot {} span.hidden { "unread: " } }
                                 (m.sender_name.clone().unwrap_or_else(|| super::short_identity(&m.sender)))
@@ -400,7 +411,7 @@ pub async fn message(ctx: &Ctx<'_>, name: &str, query: &Form) -> Response<Body> 
         p { a href="/ui/" { "← Inbox" } }
         h1 { (title) }
         @if query.get("done").is_some_and(|d| d == "unblocked") { p.notice role="status" { "Sender unblocked." } }
-        (render_thread(&items, &members, current, &title))
+        (render_thread(ctx.app, &items, &members, current, &title))
         h2 { "Reply" }
         (compose::form(&ctx.session.data.csrf, &draft, true))
         div.actions {

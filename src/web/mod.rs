@@ -52,7 +52,7 @@ pub use auth::{hash_password, verify_password};
 /// The Content-Security-Policy of every UI response: no script at all,
 /// styles only from `/ui/style.css`, images from here and https (sender
 /// photos), forms only to here, never framed.
-pub const CSP: &str = "default-src 'none'; style-src 'self'; img-src 'self' https:; \
+pub const CSP: &str = "default-src 'none'; style-src 'self'; img-src 'self'; \
                        form-action 'self'; frame-ancestors 'none'; base-uri 'none'";
 
 /// Sign-in attempts (password or IndieAuth) per client address per minute.
@@ -127,6 +127,23 @@ pub async fn handle(app: &Arc<App>, req: Request<Incoming>, peer: SocketAddr) ->
     resp
 }
 
+/// A sender's photo, fetched by the server at handshake time (see [`crate::photos`]).
+fn photo(app: &App, key: &str) -> Response<Body> {
+    match crate::photos::load(&app.config.server.data_dir, key) {
+        Some((bytes, mime)) => {
+            let mut r = Response::new(Full::new(Bytes::from(bytes)));
+            r.headers_mut()
+                .insert(header::CONTENT_TYPE, HeaderValue::from_static(mime));
+            r.headers_mut().insert(
+                header::CACHE_CONTROL,
+                HeaderValue::from_static("private, max-age=86400"),
+            );
+            r
+        }
+        None => not_found(),
+    }
+}
+
 /// A request with its body read.
 pub(crate) type Req = Request<Bytes>;
 
@@ -138,6 +155,7 @@ pub(crate) async fn route(app: &Arc<App>, req: Req, peer: SocketAddr) -> Respons
     match path.as_str() {
         "/ui" if get => return redirect("/ui/"),
         "/ui/style.css" if get => return layout::stylesheet(),
+        p if get && p.starts_with("/ui/photo/") => return photo(app, &p["/ui/photo/".len()..]),
         "/ui/signin" if get => return auth::signin_page(app, &req),
         "/ui/signin" if post => return auth::signin_post(app, &req, peer).await,
         "/ui/indieauth" if post => return auth::indieauth_start(app, &req, peer).await,

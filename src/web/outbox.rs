@@ -106,7 +106,7 @@ pub async fn message(ctx: &Ctx<'_>, id: &str, query: &Form) -> Response<Body> {
             p.notice role="status" { "Message stored; delivery to " (super::short_identity(&msg.recipient)) " is under way." }
         }
         div.card { (delivery(&msg)) }
-        (render_thread(&items, &members, current, &title))
+        (render_thread(ctx.app, &items, &members, current, &title))
         h2 { "Write again" }
         (compose::form(&ctx.session.data.csrf, &draft, true))
     };

@@ -226,12 +226,14 @@ async fn every_response_has_the_security_headers() {
         for part in [
             "default-src 'none'",
             "style-src 'self'",
-            "img-src 'self' https:",
+            "img-src 'self';",
             "form-action 'self'",
             "frame-ancestors 'none'",
         ] {
             assert!(csp.contains(part), "{csp}");
         }
+        // No remote images at all: they would be read receipts.
+        assert!(!csp.contains("https:"), "{csp}");
         assert_eq!(h[header::X_CONTENT_TYPE_OPTIONS], "nosniff");
         assert_eq!(h[header::REFERRER_POLICY], "no-referrer");
     }
@@ -459,7 +461,25 @@ async fn raw_html_is_neutralised_on_the_message_page() {
         "{page}"
     );
     assert!(page.contains("Bob &lt;Builder&gt;"));
-    assert!(page.contains("src=\"https://bob.example/me.jpg\""));
+    // The sender's photo URL is never put in the page (a read receipt);
+    // only the copy the server fetched is, once it exists.
+    assert!(!page.contains("https://bob.example/me.jpg"), "{page}");
+    let data_dir = t.app.config.server.data_dir.clone();
+    let key = crate::photos::key("https://bob.example/me.jpg");
+    std::fs::create_dir_all(data_dir.join("photos")).unwrap();
+    std::fs::write(
+        data_dir.join("photos").join(&key),
+        b"\x89PNG\r\n\x1a\nimage",
+    )
+    .unwrap();
+    let again = text(get(&t, &format!("/ui/inbox/{file}"), s).await).await;
+    assert!(
+        again.contains(&format!("src=\"/ui/photo/{key}\"")),
+        "{again}"
+    );
+    let img = get(&t, &format!("/ui/photo/{key}"), s).await;
+    assert_eq!(img.status(), StatusCode::OK);
+    assert_eq!(img.headers()[header::CONTENT_TYPE], "image/png");
     // Names that are not inbox files are not found.
     for bad in [
         "../../indiepm.toml",
