@@ -96,6 +96,7 @@ pub async fn notify(
     if let Some(tok) = app.store.handshake(&sender, &id).map_err(storage)?
         && !tok.used
         && now_ms() - tok.issued_ms < protocol::HANDSHAKE_SECS * 1000
+        && tok.expires_ms > now_ms()
     {
         tracing::info!(step = 2, %sender, subject = %id, "notify while its handshake is in flight");
         return Ok(accepted());
@@ -168,6 +169,7 @@ async fn handshake(
 
     // Step 4: a fresh token, stored only as its hash.
     let token = protocol::new_secret();
+    let hash = hash_secret(&token);
     let now = now_ms();
     let (kind, message, lifetime_s) = match subject {
         Subject::Message(m) => ("message", Some(m.clone()), protocol::HANDSHAKE_SECS),
@@ -179,7 +181,7 @@ async fn handshake(
     };
     app.store
         .issue_token(
-            hash_secret(&token),
+            hash.clone(),
             subject.as_str().to_string(),
             IssuedToken {
                 kind: kind.into(),
@@ -207,23 +209,42 @@ async fn handshake(
     if kind == "channel" {
         form.push(("expires_in", expires_in.as_str()));
     }
-    let resp = app
-        .fetcher
-        .post_form(&ps, &form, None)
-        .await
-        .map_err(|e| format!("step 4: deliver failed: {e}"))?;
-    if resp.status != StatusCode::ACCEPTED {
-        return Err(format!(
+    let failure = match app.fetcher.post_form(&ps, &form, None).await {
+        Err(e) => Some(format!("step 4: deliver failed: {e}")),
+        Ok(resp) if resp.status != StatusCode::ACCEPTED => Some(format!(
             "step 4: {ps} answered deliver with HTTP {}: {}",
             resp.status.as_u16(),
             String::from_utf8_lossy(&resp.body)
                 .chars()
                 .take(200)
                 .collect::<String>()
-        ));
+        )),
+        Ok(_) => None,
+    };
+    if let Some(why) = failure {
+        revoke(app, hash, subject).await;
+        return Err(why);
     }
     tracing::info!(step = 4, %sender, kind, "token handed over; waiting for the push");
     Ok(())
+}
+
+/// Ends a handshake whose deliver did not get through: the token expires
+/// now, so the sender's repeated notify starts a new handshake instead of
+/// waiting out the old token's 10 minutes (a sender that took the token
+/// after all gets `401` on its push and shakes hands again).
+async fn revoke(app: &App, hash: String, subject: &Subject) {
+    let Ok(Some(mut tok)) = app.store.token(&hash) else {
+        return;
+    };
+    tok.expires_ms = tok.expires_ms.min(now_ms());
+    if let Err(e) = app
+        .store
+        .issue_token(hash, subject.as_str().to_string(), tok)
+        .await
+    {
+        tracing::warn!(error = %e, "cannot revoke the token of a failed handshake");
+    }
 }
 
 /// Step 6, receiving side: the message under a bearer token.

@@ -86,6 +86,10 @@ pub async fn start_on(
         .map_err(|e| ServeError::Bind(([0, 0, 0, 0], 0).into(), e))?;
     let store = Store::open(&config.server.data_dir)
         .map_err(|e| ServeError::Store(config.server.data_dir.display().to_string(), e))?;
+    for site in &config.sites {
+        sweep_temp_files(&site.inbox_dir());
+        sweep_temp_files(&site.sent_dir());
+    }
     let app = App::new(config, store);
     crate::sender::resume(&app).map_err(|e| ServeError::Store("queue".into(), e))?;
     // `indiepm send` reads the address from here: `listen` may name port 0.
@@ -96,6 +100,34 @@ pub async fn start_on(
     }
     let task = tokio::spawn(accept_loop(listener, app.clone()));
     Ok(Running { addr, app, task })
+}
+
+/// Removes the inbox writer's temp files (`.indiepm-*.tmp`) that a crash
+/// left in `dir`. Nothing writes there before the server starts (the
+/// database lock keeps a second server off the same data), and a message
+/// whose file never got its final name was not acknowledged: its sender
+/// retries it.
+fn sweep_temp_files(dir: &std::path::Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        if name.starts_with(".indiepm-")
+            && name.ends_with(".tmp")
+            && entry.file_type().is_ok_and(|t| t.is_file())
+        {
+            match std::fs::remove_file(entry.path()) {
+                Ok(()) => {
+                    tracing::info!(file = %entry.path().display(), "removed a temp file left by a crash")
+                }
+                Err(e) => {
+                    tracing::warn!(file = %entry.path().display(), error = %e, "cannot remove a temp file")
+                }
+            }
+        }
+    }
 }
 
 async fn accept_loop(listener: TcpListener, app: Arc<App>) {
