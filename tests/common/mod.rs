@@ -25,6 +25,8 @@
 
 #![allow(dead_code)] // every test crate uses a different part of the harness
 
+pub mod pm;
+
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
