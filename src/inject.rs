@@ -278,7 +278,12 @@ pub struct Rewrite<'a> {
     pub outcome: Outcome,
 }
 
-/// Rewrites one HTML document held in memory. The input must be UTF-8.
+/// Rewrites one HTML document held in memory.
+///
+/// A document that needs a change must be UTF-8 and must not end inside a
+/// tag ([`InjectError::NotUtf8`], [`InjectError::Truncated`]); one that
+/// already carries every link is returned as it is, unexamined beyond its
+/// head.
 ///
 /// ```
 /// use indiepm::inject::{Link, rewrite_html};
@@ -291,9 +296,6 @@ pub struct Rewrite<'a> {
 /// );
 /// ```
 pub fn rewrite_html<'a>(input: &'a [u8], links: &[Link]) -> Result<Rewrite<'a>, InjectError> {
-    if let Err(e) = std::str::from_utf8(input) {
-        return Err(InjectError::NotUtf8(e.valid_up_to() as u64));
-    }
     let mut scanner = Scanner::new(links);
     scanner.feed(input)?;
     let plan = scanner.finish()?;
@@ -303,9 +305,7 @@ pub fn rewrite_html<'a>(input: &'a [u8], links: &[Link]) -> Result<Rewrite<'a>, 
             outcome: plan.outcome,
         });
     }
-    if ends_inside_tag(input) {
-        return Err(InjectError::Truncated);
-    }
+    check_whole_page(input)?;
     let extra: usize = links.iter().map(|l| l.tag.len()).sum();
     let mut html = Vec::with_capacity(input.len() + extra);
     write_spliced(input, &plan.edits, links, &mut html).map_err(InjectError::Write)?;
@@ -328,7 +328,6 @@ pub fn rewrite_stream<R: Read, W: Write>(
     links: &[Link],
 ) -> Result<Outcome, InjectError> {
     let mut scanner = Scanner::new(links);
-    let mut utf8 = Utf8Check::default();
     let mut prefix = Vec::new();
     let mut buf = vec![0u8; CHUNK];
     let mut eof = false;
@@ -338,7 +337,6 @@ pub fn rewrite_stream<R: Read, W: Write>(
             eof = true;
             break;
         }
-        utf8.push(&buf[..n])?;
         prefix.extend_from_slice(&buf[..n]);
         if scanner.feed(&buf[..n])? {
             break;
@@ -348,6 +346,12 @@ pub fn rewrite_stream<R: Read, W: Write>(
         }
     }
     let plan = scanner.finish()?;
+    // As in `rewrite_html`, only a document that changes is checked.
+    let changed = plan.outcome.changed();
+    let mut utf8 = Utf8Check::default();
+    if changed {
+        utf8.push(&prefix)?;
+    }
     write_spliced(&prefix, &plan.edits, links, &mut output).map_err(InjectError::Write)?;
     let mut tail = Tail::default();
     tail.push(&prefix);
@@ -358,17 +362,34 @@ pub fn rewrite_stream<R: Read, W: Write>(
             if n == 0 {
                 break;
             }
-            utf8.push(&buf[..n])?;
-            tail.push(&buf[..n]);
+            if changed {
+                utf8.push(&buf[..n])?;
+                tail.push(&buf[..n]);
+            }
             output.write_all(&buf[..n]).map_err(InjectError::Write)?;
         }
     }
-    utf8.finish()?;
-    if plan.outcome.changed() && ends_inside_tag(tail.bytes()) {
-        return Err(InjectError::Truncated);
+    if changed {
+        utf8.finish()?;
+        if ends_inside_tag(tail.bytes()) {
+            return Err(InjectError::Truncated);
+        }
     }
     output.flush().map_err(InjectError::Write)?;
     Ok(plan.outcome)
+}
+
+/// The checks a page passes before it is rewritten: UTF-8 throughout, and
+/// not cut off inside a tag. (A page that needs no change is not checked:
+/// it is left as it is anyway, and its head is all that is read of it.)
+fn check_whole_page(page: &[u8]) -> Result<(), InjectError> {
+    if let Err(e) = std::str::from_utf8(page) {
+        return Err(InjectError::NotUtf8(e.valid_up_to() as u64));
+    }
+    if ends_inside_tag(page) {
+        return Err(InjectError::Truncated);
+    }
+    Ok(())
 }
 
 /// `read` that retries on EINTR.
@@ -1024,61 +1045,147 @@ fn inject_file(
     bufs: &mut Buffers,
 ) -> Result<PageStatus, InjectError> {
     let mut file = File::open(path).map_err(InjectError::Read)?;
+    let meta = file.metadata().map_err(InjectError::Read)?;
+    if !meta.is_file() {
+        return Ok(PageStatus::Skipped(Skip::NotAFile));
+    }
+    let size = usize::try_from(meta.len()).unwrap_or(usize::MAX);
+    if size < IN_MEMORY {
+        // One more byte than the size, to notice a file that grew since.
+        if bufs.page.len() <= size {
+            bufs.page.resize(size + 1, 0);
+        }
+        let got = read_up_to(&mut file, &mut bufs.page[..=size], size)?;
+        if got <= size {
+            return inject_in_memory(path, &meta, &bufs.page[..got], links, mode);
+        }
+        file.seek(SeekFrom::Start(0)).map_err(InjectError::Read)?;
+    }
+    inject_streaming(path, &mut file, &meta, links, mode, bufs)
+}
+
+/// Reads into `buf` until it is full or the file ends. A short read that
+/// stops exactly at `size` (what fstat said) is taken as the end, which
+/// saves the extra `read` that would return 0 on every page.
+fn read_up_to(file: &mut File, buf: &mut [u8], size: usize) -> Result<usize, InjectError> {
+    let mut got = 0;
+    while got < buf.len() {
+        let want = buf.len() - got;
+        let n = read_some(file, &mut buf[got..]).map_err(InjectError::Read)?;
+        if n == 0 {
+            break;
+        }
+        got += n;
+        if n < want && got == size {
+            break;
+        }
+    }
+    Ok(got)
+}
+
+/// A page held whole in memory (below [`IN_MEMORY`]).
+fn inject_in_memory(
+    path: &Path,
+    meta: &fs::Metadata,
+    page: &[u8],
+    links: &[Link],
+    mode: Mode,
+) -> Result<PageStatus, InjectError> {
     let mut scanner = Scanner::new(links);
-    let mut utf8 = Utf8Check::default();
-    let page = &mut bufs.page;
-    page.clear();
-    (&mut file)
-        .take(IN_MEMORY as u64)
-        .read_to_end(page)
-        .map_err(InjectError::Read)?;
-    let in_memory = page.len() < IN_MEMORY;
-    utf8.push(page)?;
-    let mut decided = scanner.feed(page)?;
-    if !in_memory {
-        if bufs.chunk.len() < CHUNK {
-            bufs.chunk.resize(CHUNK, 0);
+    scanner.feed(page)?;
+    let plan = scanner.finish()?;
+    if plan.edits.is_empty() {
+        return Ok(PageStatus::Fine);
+    }
+    check_whole_page(page)?;
+    if mode == Mode::Write {
+        replace_file(path, meta, |out| {
+            write_pieces(out, &spliced_pieces(page, &plan.edits, links)?)
+                .map_err(InjectError::Write)
+        })?;
+    }
+    Ok(PageStatus::Changed(plan.outcome))
+}
+
+/// A page too big for memory: scanned chunk by chunk up to its insertion
+/// point, then (when it needs the link) copied through with the tags
+/// spliced in.
+fn inject_streaming(
+    path: &Path,
+    file: &mut File,
+    meta: &fs::Metadata,
+    links: &[Link],
+    mode: Mode,
+    bufs: &mut Buffers,
+) -> Result<PageStatus, InjectError> {
+    if bufs.chunk.len() < CHUNK {
+        bufs.chunk.resize(CHUNK, 0);
+    }
+    let mut scanner = Scanner::new(links);
+    loop {
+        let n = read_some(file, &mut bufs.chunk).map_err(InjectError::Read)?;
+        if n == 0 || scanner.feed(&bufs.chunk[..n])? {
+            break;
         }
-        while !decided {
-            let n = read_some(&mut file, &mut bufs.chunk).map_err(InjectError::Read)?;
-            if n == 0 {
-                break;
-            }
-            utf8.push(&bufs.chunk[..n])?;
-            decided = scanner.feed(&bufs.chunk[..n])?;
-        }
-    } else {
-        utf8.finish()?;
     }
     let plan = scanner.finish()?;
     if plan.edits.is_empty() {
         return Ok(PageStatus::Fine);
     }
-    if in_memory && ends_inside_tag(page) {
-        return Err(InjectError::Truncated);
-    }
-    match (mode, in_memory) {
-        (Mode::ReadOnly, true) => {}
-        (Mode::ReadOnly, false) => {
-            // Read it all, so that a page a real run would refuse is reported now.
-            file.seek(SeekFrom::Start(0)).map_err(InjectError::Read)?;
-            copy_spliced(&mut file, &[], links, &mut io::sink(), &mut bufs.chunk)?;
-        }
-        (Mode::Write, true) => {
-            let page = &bufs.page;
-            replace_file(path, &file, |out| {
-                write_spliced(page, &plan.edits, links, out).map_err(InjectError::Write)
-            })?;
-        }
-        (Mode::Write, false) => {
-            file.seek(SeekFrom::Start(0)).map_err(InjectError::Read)?;
-            let chunk = &mut bufs.chunk;
-            replace_file(path, &file, |out| {
-                copy_spliced(&mut &file, &plan.edits, links, out, chunk)
-            })?;
-        }
+    file.seek(SeekFrom::Start(0)).map_err(InjectError::Read)?;
+    let chunk = &mut bufs.chunk;
+    match mode {
+        // Read it all, so that a page a real run would refuse is reported now.
+        Mode::ReadOnly => copy_spliced(file, &[], links, &mut io::sink(), chunk)?,
+        Mode::Write => replace_file(path, meta, |out| {
+            copy_spliced(file, &plan.edits, links, out, chunk)
+        })?,
     }
     Ok(PageStatus::Changed(plan.outcome))
+}
+
+/// The pieces of the rewritten page: original bytes and tags, in order.
+fn spliced_pieces<'a>(
+    data: &'a [u8],
+    edits: &[Edit],
+    links: &'a [Link],
+) -> Result<Vec<&'a [u8]>, InjectError> {
+    let mut pieces = Vec::with_capacity(edits.len() * 2 + 1);
+    let mut pos = 0;
+    for e in edits {
+        pieces.push(
+            data.get(pos..e.at)
+                .ok_or_else(|| InjectError::Write(out_of_range()))?,
+        );
+        pieces.push(links[e.link].tag.as_bytes());
+        pos = e.at + e.remove;
+    }
+    pieces.push(
+        data.get(pos..)
+            .ok_or_else(|| InjectError::Write(out_of_range()))?,
+    );
+    Ok(pieces)
+}
+
+/// Writes all pieces, with one `writev` in the usual case.
+fn write_pieces(out: &mut File, pieces: &[&[u8]]) -> io::Result<()> {
+    let slices: Vec<io::IoSlice<'_>> = pieces.iter().map(|p| io::IoSlice::new(p)).collect();
+    let mut written = loop {
+        match out.write_vectored(&slices) {
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            other => break other?,
+        }
+    };
+    // A partial write: finish piece by piece.
+    for piece in pieces {
+        if written >= piece.len() {
+            written -= piece.len();
+            continue;
+        }
+        out.write_all(&piece[written..])?;
+        written = 0;
+    }
+    Ok(())
 }
 
 /// Counter for temporary file names, unique within this process.
@@ -1136,22 +1243,59 @@ impl Drop for TempFile {
 /// is gone.
 fn replace_file(
     path: &Path,
-    original: &File,
+    meta: &fs::Metadata,
     write: impl FnOnce(&mut File) -> Result<(), InjectError>,
 ) -> Result<(), InjectError> {
-    let meta = original.metadata().map_err(InjectError::Read)?;
-    let mut tmp = TempFile::beside(path, meta.mode()).map_err(InjectError::Write)?;
+    let mode = meta.mode() & 0o7777;
+    let mut tmp = TempFile::beside(path, mode).map_err(InjectError::Write)?;
     write(&mut tmp.file)?;
-    // The umask may have narrowed the mode given at creation.
-    tmp.file
-        .set_permissions(fs::Permissions::from_mode(meta.mode() & 0o7777))
-        .map_err(InjectError::Write)?;
+    let process = process_ids();
+    // The umask may have narrowed the mode given at creation, which also
+    // cannot carry setuid/setgid/sticky bits.
+    if process.is_none_or(|p| mode & !p.umask != mode || mode & !0o777 != 0) {
+        tmp.file
+            .set_permissions(fs::Permissions::from_mode(mode))
+            .map_err(InjectError::Write)?;
+    }
     // Keeps the owner when we may (root, or our own file); when we may not,
     // the page becomes ours, as with any editor that saves by renaming.
-    let _ = std::os::unix::fs::fchown(&tmp.file, Some(meta.uid()), Some(meta.gid()));
+    // (Skipped when the ids are ours, which a new file has, except in a
+    // setgid folder whose group is not ours: there the page takes the
+    // folder's group, as every file created in it does.)
+    if process.is_none_or(|p| p.uid != meta.uid() || p.gid != meta.gid()) {
+        let _ = std::os::unix::fs::fchown(&tmp.file, Some(meta.uid()), Some(meta.gid()));
+    }
     fs::rename(&tmp.path, path).map_err(InjectError::Write)?;
     tmp.keep = true;
     Ok(())
+}
+
+/// This process's umask and effective user and group, read once from
+/// `/proc/self/status` (Linux), to skip the `fchmod` and `fchown` that
+/// would change nothing on a new file. `None` elsewhere: then both always run.
+#[derive(Debug, Clone, Copy)]
+struct ProcessIds {
+    umask: u32,
+    uid: u32,
+    gid: u32,
+}
+
+fn process_ids() -> Option<ProcessIds> {
+    static IDS: std::sync::OnceLock<Option<ProcessIds>> = std::sync::OnceLock::new();
+    *IDS.get_or_init(|| {
+        let status = fs::read_to_string("/proc/self/status").ok()?;
+        let field = |name: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .map(|rest| rest.split_ascii_whitespace().collect::<Vec<_>>())
+        };
+        let umask = u32::from_str_radix(field("Umask:")?.first()?, 8).ok()?;
+        // Real, effective, saved, filesystem: new files get the filesystem ids.
+        let uid = field("Uid:")?.get(3)?.parse().ok()?;
+        let gid = field("Gid:")?.get(3)?.parse().ok()?;
+        Some(ProcessIds { umask, uid, gid })
+    })
 }
 
 /// Adds `pm` and `micropub` links to the demo's copy of the site.
@@ -1324,8 +1468,8 @@ pub fn update_headers(
         return Ok(change);
     }
     if existing {
-        let original = File::open(path).map_err(err)?;
-        replace_file(path, &original, |out| {
+        let meta = fs::metadata(path).map_err(err)?;
+        replace_file(path, &meta, |out| {
             out.write_all(new.as_bytes()).map_err(InjectError::Write)
         })
         .map_err(|e| match e {
@@ -1592,6 +1736,13 @@ mod tests {
                 "{cut}"
             );
         }
+        // A page that already carries the link is left as it is, unexamined.
+        let fine = [
+            format!("<head>{}</head>", tag()).as_bytes(),
+            b"<p>\xff<div cla",
+        ]
+        .concat();
+        assert!(!rewrite_html(&fine, &pm()).unwrap().outcome.changed());
         // Text with a `<` that opens nothing is not markup.
         assert!(rewrite_html(b"<head></head><p>1 < 2", &pm()).is_ok());
         let mut check = Utf8Check::default();
