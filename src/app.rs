@@ -30,6 +30,11 @@ pub struct App {
     pub discovery_slots: Semaphore,
     pub per_host: RateLimiter,
     pub per_client: RateLimiter,
+    /// Step 6 pushes accepted per sender identity.
+    pub per_sender_messages: RateLimiter,
+    /// Bounds receiver handshakes waiting or running (a multiple of the
+    /// discovery bound: they queue for a discovery slot).
+    pub handshake_slots: Arc<Semaphore>,
     /// Receiver handshakes under way, by (sender, message-or-code).
     pub handshakes_in_flight: Mutex<HashSet<(String, String)>>,
     /// Sender side: the outgoing queue.
@@ -55,6 +60,8 @@ impl App {
             discovery_slots: Semaphore::new(limits.discovery_in_flight),
             per_host: RateLimiter::new(limits.notify_per_minute_per_host),
             per_client: RateLimiter::new(limits.notify_per_minute_per_client),
+            per_sender_messages: RateLimiter::new(limits.messages_per_minute_per_sender),
+            handshake_slots: Arc::new(Semaphore::new(limits.discovery_in_flight * 32)),
             handshakes_in_flight: Mutex::new(HashSet::new()),
             queue: Queue::default(),
             codes_in_flight: Mutex::new(HashMap::new()),

@@ -115,25 +115,37 @@ pub struct LimitsConfig {
     pub max_content_bytes: usize,
     /// Notifies accepted per sender host per minute.
     pub notify_per_minute_per_host: u32,
-    /// Notifies accepted per client address per minute.
+    /// Notifies accepted per client address (IPv6: per /64) per minute.
     pub notify_per_minute_per_client: u32,
+    /// Messages (step 6) accepted per sender identity per minute.
+    pub messages_per_minute_per_sender: u32,
     /// Discovery fetches in flight at once, for all notifies together.
     pub discovery_in_flight: usize,
     /// Open connections at once; more wait in the kernel's backlog.
     pub max_connections: usize,
     /// Seconds a client has to send its request headers.
     pub header_timeout_secs: u64,
+    /// Seconds a client has to send a whole request body.
+    pub body_timeout_secs: u64,
+}
+
+impl LimitsConfig {
+    pub fn body_timeout(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(self.body_timeout_secs)
+    }
 }
 
 impl Default for LimitsConfig {
     fn default() -> Self {
         LimitsConfig {
             max_content_bytes: 64 * 1024,
-            notify_per_minute_per_host: 60,
-            notify_per_minute_per_client: 120,
+            notify_per_minute_per_host: 120,
+            notify_per_minute_per_client: 60,
+            messages_per_minute_per_sender: 6000,
             discovery_in_flight: 32,
             max_connections: 1024,
             header_timeout_secs: 10,
+            body_timeout_secs: 20,
         }
     }
 }

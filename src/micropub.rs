@@ -111,7 +111,7 @@ async fn route(app: &Arc<App>, req: Request<Incoming>) -> Result<Response<Body>,
             } else {
                 (app.config.limits.max_content_bytes * 3 + 16 * 1024).min(MAX_BODY)
             };
-            let (parts, body) = read_body(req, limit)
+            let (parts, body) = read_body(req, limit, app.config.limits.body_timeout())
                 .await
                 .map_err(|e| MpError::invalid(e.description))?;
             let post = Post::parse(&parts.headers, &body)?;

@@ -58,6 +58,18 @@ fn blocked(app: &App, site: &SiteConfig, sender: &Identity) -> Result<bool, Prot
     Ok(is_blocked(&owner_blocks, sender))
 }
 
+/// The rate-limit key of a client: its IPv4 address, or its IPv6 /64 (one
+/// host usually holds a whole /64, so per-address keys would be free to mint).
+pub fn client_key(peer: SocketAddr) -> String {
+    match peer.ip().to_canonical() {
+        std::net::IpAddr::V4(v4) => v4.to_string(),
+        std::net::IpAddr::V6(v6) => {
+            let s = v6.segments();
+            format!("{:x}:{:x}:{:x}:{:x}::/64", s[0], s[1], s[2], s[3])
+        }
+    }
+}
+
 /// Step 2, receiving side: `notify`.
 pub async fn notify(
     app: &Arc<App>,
@@ -74,10 +86,12 @@ pub async fn notify(
     };
     let sender_id =
         Identity::parse(&sender).map_err(|e| ProtoError::invalid_request(e.to_string()))?;
-    if let Err(wait) = app.per_host.check(sender_id.host()) {
+    // The client's own budget first: a stranger who names someone else as
+    // the sender spends its own allowance before it can spend theirs.
+    if let Err(wait) = app.per_client.check(&client_key(peer)) {
         return Err(ProtoError::rate_limited(wait));
     }
-    if let Err(wait) = app.per_client.check(&peer.ip().to_string()) {
+    if let Err(wait) = app.per_host.check(sender_id.host()) {
         return Err(ProtoError::rate_limited(wait));
     }
     if blocked(app, site, &sender_id)? {
@@ -101,13 +115,19 @@ pub async fn notify(
         tracing::info!(step = 2, %sender, subject = %id, "notify while its handshake is in flight");
         return Ok(accepted());
     }
+    // Handshakes waiting or running are bounded: past the bound the
+    // sender is asked to come back later, and it will.
+    let Ok(slot) = app.handshake_slots.clone().try_acquire_owned() else {
+        return Err(ProtoError::rate_limited(5));
+    };
     if !lock(&app.handshakes_in_flight).insert((sender.clone(), id.clone())) {
         return Ok(accepted());
     }
-    tracing::info!(step = 2, %sender, %recipient, kind = %subject.param(), "notify accepted");
+    tracing::info!(step = 2, %sender, %recipient, kind = %subject.param(), "notify received; handshake starts");
     let endpoint = site.endpoint.clone();
     let task_app = app.clone();
     app.tracker.spawn(async move {
+        let _slot = slot;
         let key = (sender.clone(), id);
         if let Err(why) = handshake(&task_app, &endpoint, &sender, &recipient, &subject).await {
             tracing::info!(%sender, %recipient, "handshake dropped: {why}");
@@ -139,6 +159,11 @@ async fn handshake(
     let ps = profile
         .endpoint
         .ok_or_else(|| format!("step 2: {sender} advertises no rel=pm endpoint"))?;
+    if let Some(photo) = &profile.photo
+        && let Err(e) = crate::photos::fetch(&app.fetcher, &app.config.server.data_dir, photo).await
+    {
+        tracing::info!(%sender, "sender's photo not kept: {e}");
+    }
     tracing::info!(step = 2, %sender, endpoint = %ps, "discovered the sender's endpoint");
 
     // Step 3: the endpoint discovered from S must confirm.
@@ -305,7 +330,12 @@ pub async fn message(
     };
     // Blocking revokes what the sender holds: a channel token issued before
     // the block carries no more messages.
-    if Identity::parse(&push.sender).is_ok_and(|s| blocked(app, site, &s).unwrap_or(false)) {
+    if let Err(wait) = app.per_sender_messages.check(&push.sender) {
+        return Err(ProtoError::rate_limited(wait));
+    }
+    let sender_id =
+        Identity::parse(&push.sender).map_err(|e| ProtoError::invalid_request(e.to_string()))?;
+    if blocked(app, site, &sender_id)? {
         tracing::info!(step = 6, sender = %push.sender, "message from a blocked sender refused");
         return Err(ProtoError::invalid_token(
             "token not valid for this message",

@@ -4,9 +4,9 @@
 //!
 //! Limits a stranger cannot get around: the request body is read through
 //! [`http_body_util::Limited`] (256 KiB, then `413`), request headers must
-//! arrive within `header_timeout_secs` (a slow client cannot pin a
-//! connection), and at most `max_connections` connections are served at
-//! once (the rest wait in the kernel's backlog).
+//! arrive within `header_timeout_secs` and the body within `body_timeout_secs`
+//! (a slow client cannot pin a connection), and at most `max_connections`
+//! connections are served at once (the rest wait in the kernel's backlog).
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -225,6 +225,7 @@ async fn handle(app: &Arc<App>, req: Request<Incoming>, peer: SocketAddr) -> Res
 pub async fn read_body(
     req: Request<Incoming>,
     limit: usize,
+    deadline: Duration,
 ) -> Result<(http::request::Parts, Bytes), ProtoError> {
     let (parts, body) = req.into_parts();
     let too_large = || ProtoError::too_large(format!("the body is over {} KiB", limit / 1024));
@@ -237,7 +238,16 @@ pub async fn read_body(
     {
         return Err(too_large());
     }
-    match Limited::new(body, limit).collect().await {
+    // The header timeout does not cover the body: without this deadline a
+    // client trickling its body would hold a connection slot forever.
+    let read = tokio::time::timeout(deadline, Limited::new(body, limit).collect());
+    let Ok(collected) = read.await else {
+        return Err(ProtoError::invalid_request(format!(
+            "the body did not arrive within {} s",
+            deadline.as_secs()
+        )));
+    };
+    match collected {
         Ok(collected) => Ok((parts, collected.to_bytes())),
         Err(e)
             if e.downcast_ref::<http_body_util::LengthLimitError>()
@@ -272,7 +282,8 @@ async fn protocol_post(
     peer: SocketAddr,
     path: &str,
 ) -> Result<Response<Body>, ProtoError> {
-    let (parts, body) = read_body(req, protocol::MAX_BODY).await?;
+    let (parts, body) =
+        read_body(req, protocol::MAX_BODY, app.config.limits.body_timeout()).await?;
     if !is_form(&parts.headers) {
         return Err(ProtoError::unsupported_media_type(
             "the body must be application/x-www-form-urlencoded",

@@ -1230,8 +1230,11 @@ async fn notify_rate_limits_answer_429_with_retry_after() {
     notify(next_ip(), 0)
         .await
         .assert_error(429, "rate_limited", "same host, other client");
-    // The client limit: 3 more from this client pass, the next does not.
-    for _ in 0..3 {
+    // The client limit counts every notify the client sent, the one the
+    // host limit refused included (the client's budget is spent first, so a
+    // stranger naming someone else as sender cannot spend theirs for free):
+    // 4 used, 2 more pass, the next does not.
+    for _ in 0..2 {
         assert_accepted(&notify(client, 1).await, "within the client limit");
     }
     let r = notify(client, 2).await;
@@ -1302,6 +1305,67 @@ async fn slow_clients_cannot_hold_a_connection() {
         "the server kept a connection without headers for {took:?}"
     );
     // The server still answers others.
+    let info = get(&bob.endpoint, "application/json", None).await;
+    assert_eq!(info.status, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn handshakes_waiting_on_slow_senders_are_bounded() {
+    // discovery_in_flight = 1 bounds handshakes waiting or running at 32.
+    let bob = Peer::start(
+        "Bob",
+        Opts::default().limits(
+            "discovery_in_flight = 1\nnotify_per_minute_per_host = 1000\nnotify_per_minute_per_client = 1000",
+        ),
+    );
+    // A sender homepage that never answers: every handshake stays pending.
+    let slow = FakeHost::start();
+    let mut accepted = 0;
+    let mut refused = 0;
+    for i in 0..40 {
+        let path = format!("/u{i}/");
+        slow.route(&path, Route::never());
+        let sender = slow.url(&path).to_string();
+        let id = new_id();
+        let r = post_form(&bob.endpoint, &notify_form(&sender, &bob.me, &id), None).await;
+        match r.status {
+            202 => accepted += 1,
+            429 => {
+                r.assert_error(429, "rate_limited", "past the handshake bound");
+                refused += 1;
+            }
+            s => panic!("unexpected {s}: {r:?}"),
+        }
+    }
+    assert_eq!((accepted, refused), (32, 8));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trickling_body_cannot_hold_a_connection_slot() {
+    // One connection slot; a client that sends headers and then only part
+    // of its body must lose the slot, so that others are served again.
+    let bob = Peer::start(
+        "Bob",
+        Opts::default().limits("max_connections = 1\nbody_timeout_secs = 1"),
+    );
+    let mut slow = std::net::TcpStream::connect(bob.addr).unwrap();
+    slow.write_all(
+        b"POST /pm HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-www-form-urlencoded\r\nContent-Length: 1000\r\n\r\naction=",
+    )
+    .unwrap();
+    slow.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let started = Instant::now();
+    let mut buf = Vec::new();
+    let _ = slow.read_to_end(&mut buf);
+    let took = started.elapsed();
+    assert!(
+        took < Duration::from_secs(4),
+        "the slot was held for {took:?}"
+    );
+    let answer = String::from_utf8_lossy(&buf);
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    assert!(answer.contains("invalid_request"), "{answer}");
+    // The one slot is free again.
     let info = get(&bob.endpoint, "application/json", None).await;
     assert_eq!(info.status, 200);
 }

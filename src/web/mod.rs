@@ -119,7 +119,7 @@ impl WebState {
 /// Handles every request under `/ui/`. Never panics on input.
 pub async fn handle(app: &Arc<App>, req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
     let limit = (app.config.limits.max_content_bytes * 3 + 16 * 1024).max(64 * 1024);
-    let mut resp = match read_body(req, limit).await {
+    let mut resp = match read_body(req, limit, app.config.limits.body_timeout()).await {
         Ok((parts, body)) => route(app, Request::from_parts(parts, body), peer).await,
         Err(e) => error_page(e.status, "The request is too large or unreadable."),
     };
