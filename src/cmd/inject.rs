@@ -52,6 +52,15 @@ pub struct Args {
     /// with `Link: <URL>; rel="pm"` for every path (/*).
     #[arg(long, value_name = "FILE")]
     pub headers: Option<PathBuf>,
+    /// Pages to work on at once (default: one per CPU; more can help on slow disks).
+    #[arg(
+        long,
+        short = 'j',
+        value_name = "N",
+        default_value_t = 0,
+        hide_default_value = true
+    )]
+    pub jobs: usize,
 }
 
 pub fn run(args: Args) -> CmdResult {
@@ -91,7 +100,11 @@ pub fn run(args: Args) -> CmdResult {
             PageStatus::Failed(e) => say(format!("{}: {e}; left unchanged", path.display())),
         }
     };
-    let summary = inject::inject_dir(&args.dir, &links, mode, &report)?;
+    let options = inject::Options {
+        mode,
+        jobs: args.jobs,
+    };
+    let summary = inject::inject_dir(&args.dir, &links, options, &report)?;
     bar.finish_and_clear();
 
     let mut headers_missing = false;
