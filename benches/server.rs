@@ -57,6 +57,16 @@ fn rss_kb(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
+/// CPU seconds (user + system) a process has used so far.
+fn cpu_secs(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name, which is in parentheses.
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    (ticks(11) + ticks(12)) / 100.0
+}
+
 fn free_port(ip: [u8; 4]) -> SocketAddr {
     let l = std::net::TcpListener::bind(SocketAddr::from((ip, 0))).expect("bind a free port");
     l.local_addr().expect("local addr")
@@ -330,7 +340,10 @@ async fn main() {
         "flow", "msgs/s", "p50 ms", "p99 ms", "floor msg/s", "ratio"
     );
     let mut idle_rss = 0;
-    for (flow, trips) in [("channel", 1usize), ("message", 6usize)] {
+    // Round trips per message once the step-1 and step-2 discovery caches
+    // are warm: channel = the push; message = notify, verify, deliver, the
+    // step-5 fresh discovery GET, and the push.
+    for (flow, trips) in [("channel", 1usize), ("message", 5usize)] {
         let dir = tmp.path().join(flow);
         let (a_addr, b_addr) = (free_port([127, 0, 0, 2]), free_port([127, 0, 0, 3]));
         let alice_url = homepage(
@@ -356,7 +369,9 @@ async fn main() {
         // Warm-up: one message (and, in the channel flow, the handshake).
         let _ = run_flow(1, &alice, &bob_url, &bob).await;
         std::fs::remove_dir_all(&bob.inbox).ok();
+        let (a0, b0) = (cpu_secs(alice.child.id()), cpu_secs(bob.child.id()));
         let run = run_flow(n, &alice, &bob_url, &bob).await;
+        let (a1, b1) = (cpu_secs(alice.child.id()), cpu_secs(bob.child.id()));
         let floor_addr = bare_server([127, 0, 0, 4], stop.clone()).await;
         let floor = run_floor(n, trips, floor_addr).await;
         println!(
@@ -367,6 +382,12 @@ async fn main() {
             run.p99_ms,
             floor,
             run.per_sec / floor * 100.0
+        );
+        println!(
+            "{:<14} CPU per message: sender {:.0} µs, receiver {:.0} µs",
+            "",
+            (a1 - a0) / n as f64 * 1e6,
+            (b1 - b0) / n as f64 * 1e6
         );
         if flow == "message" {
             let busy = rss_with_handshakes(&bob, &bob_url, &stop).await;

@@ -21,8 +21,10 @@ pub struct App {
     pub config: Config,
     pub store: Store,
     pub fetcher: Fetcher,
-    /// Discovery results for steps 1 and 2 (never step 5).
+    /// Discovery results for step 1 (never step 5).
     pub discovery: DiscoveryCache,
+    /// Sender profiles (endpoint, h-card) for step 2.
+    pub profiles: crate::hcard::ProfileCache,
     /// Background work (handshakes, pushes) that shutdown drains.
     pub tracker: TaskTracker,
     pub shutdown: CancellationToken,
@@ -55,6 +57,7 @@ impl App {
             store,
             fetcher,
             discovery: DiscoveryCache::default(),
+            profiles: Default::default(),
             tracker: TaskTracker::new(),
             shutdown: CancellationToken::new(),
             discovery_slots: Semaphore::new(limits.discovery_in_flight),

@@ -2,11 +2,61 @@
 //! sender's homepage (steps 2 of the receiver), so the inbox can show a name
 //! and a photo without a second request to a stranger's site.
 
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::Instant;
+
 use scraper::{ElementRef, Html, Selector};
 use url::Url;
 
-use crate::discover::{DiscoverError, find_endpoint};
+use crate::discover::{CACHE_TTL, DiscoverError, find_endpoint};
 use crate::fetch::Fetcher;
+
+/// Profiles for step 2, kept at most [`CACHE_TTL`] (PROTOCOL.md allows
+/// caching discovery for 10 minutes; step 5 never uses a cache).
+#[derive(Default)]
+pub struct ProfileCache {
+    entries: Mutex<HashMap<String, (Instant, Profile)>>,
+}
+
+/// Most profiles kept; a full cache is emptied of expired entries first,
+/// then simply not added to.
+const MAX_PROFILES: usize = 10_000;
+
+impl ProfileCache {
+    /// The cached profile of `identity`, or a fresh fetch (then `true`).
+    /// Only profiles with an endpoint are kept: a site that just added its
+    /// link is seen on its next notify.
+    pub async fn get(
+        &self,
+        fetcher: &Fetcher,
+        identity: &Url,
+    ) -> Result<(Profile, bool), DiscoverError> {
+        if let Some((at, p)) = self.lock().get(identity.as_str())
+            && at.elapsed() < CACHE_TTL
+        {
+            return Ok((p.clone(), false));
+        }
+        let profile = fetch_profile(fetcher, identity).await?;
+        if profile.endpoint.is_some() {
+            let mut entries = self.lock();
+            if entries.len() >= MAX_PROFILES {
+                entries.retain(|_, (at, _)| at.elapsed() < CACHE_TTL);
+            }
+            if entries.len() < MAX_PROFILES {
+                entries.insert(
+                    identity.as_str().to_string(),
+                    (Instant::now(), profile.clone()),
+                );
+            }
+        }
+        Ok((profile, true))
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, (Instant, Profile)>> {
+        self.entries.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
 
 /// What the homepage says about its owner.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]

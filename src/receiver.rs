@@ -146,20 +146,22 @@ async fn handshake(
     subject: &Subject,
 ) -> Result<(), String> {
     let sender_url = Url::parse(sender).map_err(|e| e.to_string())?;
-    let profile = {
+    let (profile, fresh) = {
         let _slot = app
             .discovery_slots
             .acquire()
             .await
             .map_err(|_| "shutting down".to_string())?;
-        crate::hcard::fetch_profile(&app.fetcher, &sender_url)
+        app.profiles
+            .get(&app.fetcher, &sender_url)
             .await
             .map_err(|e| format!("step 2: cannot discover the sender's endpoint: {e}"))?
     };
     let ps = profile
         .endpoint
         .ok_or_else(|| format!("step 2: {sender} advertises no rel=pm endpoint"))?;
-    if let Some(photo) = &profile.photo
+    // The photo is fetched when the profile is (not on every message).
+    if let Some(photo) = profile.photo.as_ref().filter(|_| fresh)
         && let Err(e) = crate::photos::fetch(&app.fetcher, &app.config.server.data_dir, photo).await
     {
         tracing::info!(%sender, "sender's photo not kept: {e}");
