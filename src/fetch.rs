@@ -188,23 +188,15 @@ impl Fetcher {
         form: &[(&str, &str)],
         bearer: Option<&str>,
     ) -> Result<Fetched, FetchError> {
-        let work = async {
-            self.check_url(url)?;
-            let mut req = self
-                .client
-                .post(url.clone())
-                .header(reqwest::header::ACCEPT, "application/json")
-                .form(form);
-            if let Some(token) = bearer {
-                req = req.bearer_auth(token);
-            }
-            let resp = req.send().await.map_err(|e| http_error(url, e))?;
-            self.check_peer(url, resp.remote_addr())?;
-            read_limited(url.clone(), resp).await
-        };
-        tokio::time::timeout(TIMEOUT, work)
-            .await
-            .map_err(|_| FetchError::Timeout(url.clone()))?
+        let mut req = self
+            .client
+            .post(url.clone())
+            .header(reqwest::header::ACCEPT, "application/json")
+            .form(form);
+        if let Some(token) = bearer {
+            req = req.bearer_auth(token);
+        }
+        self.send_once(url, req).await
     }
 
     /// POST a JSON document (webhooks, token verification) without following redirects.
@@ -213,36 +205,34 @@ impl Fetcher {
         url: &Url,
         body: &serde_json::Value,
     ) -> Result<Fetched, FetchError> {
-        let work = async {
-            self.check_url(url)?;
-            let resp = self
-                .client
-                .post(url.clone())
-                .header(reqwest::header::CONTENT_TYPE, "application/json")
-                .body(body.to_string())
-                .send()
-                .await
-                .map_err(|e| http_error(url, e))?;
-            self.check_peer(url, resp.remote_addr())?;
-            read_limited(url.clone(), resp).await
-        };
-        tokio::time::timeout(TIMEOUT, work)
-            .await
-            .map_err(|_| FetchError::Timeout(url.clone()))?
+        let req = self
+            .client
+            .post(url.clone())
+            .header(reqwest::header::CONTENT_TYPE, "application/json")
+            .body(body.to_string());
+        self.send_once(url, req).await
     }
 
     /// GET with a bearer token and no redirects (IndieAuth token verification).
     pub async fn get_with_bearer(&self, url: &Url, bearer: &str) -> Result<Fetched, FetchError> {
+        let req = self
+            .client
+            .get(url.clone())
+            .header(reqwest::header::ACCEPT, "application/json")
+            .bearer_auth(bearer);
+        self.send_once(url, req).await
+    }
+
+    /// Sends one request to `url` (built by the caller for that URL) with the
+    /// guard, the body limit and the time limit, and no redirect.
+    async fn send_once(
+        &self,
+        url: &Url,
+        req: reqwest::RequestBuilder,
+    ) -> Result<Fetched, FetchError> {
         let work = async {
             self.check_url(url)?;
-            let resp = self
-                .client
-                .get(url.clone())
-                .header(reqwest::header::ACCEPT, "application/json")
-                .bearer_auth(bearer)
-                .send()
-                .await
-                .map_err(|e| http_error(url, e))?;
+            let resp = req.send().await.map_err(|e| http_error(url, e))?;
             self.check_peer(url, resp.remote_addr())?;
             read_limited(url.clone(), resp).await
         };

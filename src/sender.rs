@@ -538,14 +538,7 @@ pub async fn verify(
     if app.site_on_path(&sender, path).is_none() {
         return Err(ProtoError::not_found(format!("no identity {sender} here")));
     }
-    let valid = match &subject {
-        Subject::Message(m) => app
-            .store
-            .message(m)
-            .map_err(storage)?
-            .is_some_and(|msg| undelivered_between(&msg, &sender, &recipient)),
-        Subject::Code(k) => code_valid(app, k, &sender, &recipient)?,
-    };
+    let valid = pending(app, &subject, &sender, &recipient)?;
     tracing::info!(step = 3, %sender, %recipient, kind = %subject.param(), valid, "verify answered");
     if valid {
         Ok(json(StatusCode::OK, &json!({"valid": true})))
@@ -554,6 +547,24 @@ pub async fn verify(
             "no pending {} from {sender} to {recipient}",
             subject.param()
         )))
+    }
+}
+
+/// Whether we hold what `subject` names, pending from `sender` to
+/// `recipient`: an undelivered message, or a fresh unused code.
+fn pending(
+    app: &App,
+    subject: &Subject,
+    sender: &str,
+    recipient: &str,
+) -> Result<bool, ProtoError> {
+    match subject {
+        Subject::Message(m) => Ok(app
+            .store
+            .message(m)
+            .map_err(storage)?
+            .is_some_and(|msg| undelivered_between(&msg, sender, recipient))),
+        Subject::Code(k) => code_valid(app, k, sender, recipient),
     }
 }
 
@@ -590,14 +601,7 @@ pub async fn deliver(
     if app.site_on_path(&sender, path).is_none() {
         return Err(ProtoError::not_found(format!("no identity {sender} here")));
     }
-    let known = match &subject {
-        Subject::Message(m) => app
-            .store
-            .message(m)
-            .map_err(storage)?
-            .is_some_and(|msg| undelivered_between(&msg, &sender, &recipient)),
-        Subject::Code(k) => code_valid(app, k, &sender, &recipient)?,
-    };
+    let known = pending(app, &subject, &sender, &recipient)?;
     if !known {
         return Err(ProtoError::not_found(format!(
             "no pending {} from {sender} to {recipient}",
