@@ -67,13 +67,17 @@ use std::time::{Duration, Instant};
 
 use lol_html::errors::RewritingError;
 use lol_html::html_content::{Doctype, Element, EndTag};
-use lol_html::{HtmlRewriter, MemorySettings, OutputSink, Settings, doctype, element};
+use lol_html::{
+    ElementContentHandlers, HtmlRewriter, MemorySettings, OutputSink, Selector, Settings, doctype,
+};
 
 use crate::identity::{UrlError, parse_http_url};
 
 /// Pages up to this size are read whole and rewritten from memory; bigger
 /// ones are streamed in [`CHUNK`]-sized pieces.
 const IN_MEMORY: usize = 1 << 20;
+/// The first read of every page: enough for the head of nearly any page.
+const FIRST_READ: usize = 64 * 1024;
 /// Read size when streaming a big page.
 const CHUNK: usize = 64 * 1024;
 /// Most memory lol_html may use for one page (it buffers only a tag that is
@@ -582,6 +586,16 @@ fn note_rel_element(s: &mut ScanState, el: &Element<'_, '_>, tag: &str, loc: Ran
     }
 }
 
+/// The `*` selector, parsed once rather than for every page.
+fn every_element() -> &'static Selector {
+    static SELECTOR: std::sync::OnceLock<Selector> = std::sync::OnceLock::new();
+    SELECTOR.get_or_init(|| {
+        // A constant that lol_html always accepts.
+        "*".parse()
+            .unwrap_or_else(|e| panic!("the selector `*`: {e}"))
+    })
+}
+
 /// Feeds a page to lol_html chunk by chunk until the insertion point is known.
 struct Scanner {
     state: Rc<RefCell<ScanState>>,
@@ -609,7 +623,11 @@ impl Scanner {
             .with_memory_settings(
                 MemorySettings::new().with_max_allowed_memory_usage(PARSER_MEMORY),
             )
-            .append_element_content_handler(element!("*", move |el| on_element(&on_el, el)))
+            .append_element_content_handler((
+                Cow::Borrowed(every_element()),
+                ElementContentHandlers::default()
+                    .element(move |el: &mut Element<'_, '_>| on_element(&on_el, el)),
+            ))
             .append_document_content_handler(doctype!(move |d: &mut Doctype<'_>| {
                 let mut s = on_doctype.borrow_mut();
                 if s.early.0 < 1 {
@@ -1018,65 +1036,39 @@ pub fn inject_dir(
         counter.fetch_add(1, Ordering::Relaxed);
         report(path, &status);
     };
-    // This thread walks the tree and hands pages out in batches over a
-    // bounded channel, so memory does not grow with the number of pages and
-    // the workers meet on a lock once per batch, not once per page.
-    // `follow_links(false)`: symlinked folders are not entered.
+    let failed = |path: &Path, e: io::Error| {
+        counters.scanned.fetch_add(1, Ordering::Relaxed);
+        counters.failed.fetch_add(1, Ordering::Relaxed);
+        report(path, &PageStatus::Failed(InjectError::Read(e)));
+    };
     let workers = match options.jobs {
         0 => std::thread::available_parallelism().map_or(2, |n| n.get()),
         n => n,
     };
-    let (send, receive) =
-        std::sync::mpsc::sync_channel::<Vec<(PathBuf, fs::FileType)>>(workers * 2);
-    let receive = std::sync::Mutex::new(receive);
+    // The workers walk the tree together: listing a folder is work like
+    // rewriting a page, taken from one shared queue, so neither the walk nor
+    // one big folder is done by a single thread while the others wait.
+    let queue = WorkQueue::new(workers * 8, PathBuf::from(dir));
     std::thread::scope(|scope| {
         for _ in 0..workers {
             scope.spawn(|| {
                 let mut bufs = Buffers::default();
-                loop {
-                    // A poisoned lock only means another worker panicked.
-                    let batch = match receive.lock() {
-                        Ok(r) => r.recv(),
-                        Err(poisoned) => poisoned.into_inner().recv(),
-                    };
-                    let Ok(batch) = batch else { break };
+                let handle_batch = |batch: Vec<(PathBuf, fs::FileType)>, bufs: &mut Buffers| {
                     for (path, kind) in batch {
-                        handle(&path, kind, &mut bufs);
+                        handle(&path, kind, bufs);
                     }
+                };
+                while let Some(work) = queue.next() {
+                    match work {
+                        Work::Pages(batch) => handle_batch(batch, &mut bufs),
+                        Work::Dir(path) => walk_dir(&path, &queue, &failed, &mut |batch| {
+                            handle_batch(batch, &mut bufs)
+                        }),
+                    }
+                    queue.done();
                 }
             });
         }
-        let mut batch = Vec::with_capacity(BATCH);
-        for entry in walkdir::WalkDir::new(dir).follow_links(false) {
-            let entry = match entry {
-                Ok(entry) => entry,
-                Err(e) => {
-                    let path = e.path().unwrap_or(dir).to_path_buf();
-                    let source = e
-                        .into_io_error()
-                        .unwrap_or_else(|| io::Error::other("filesystem loop"));
-                    counters.scanned.fetch_add(1, Ordering::Relaxed);
-                    counters.failed.fetch_add(1, Ordering::Relaxed);
-                    report(&path, &PageStatus::Failed(InjectError::Read(source)));
-                    continue;
-                }
-            };
-            let kind = entry.file_type();
-            if kind.is_dir() || !is_page(entry.file_name()) {
-                continue;
-            }
-            batch.push((entry.into_path(), kind));
-            if batch.len() == BATCH {
-                let full = std::mem::replace(&mut batch, Vec::with_capacity(BATCH));
-                if send.send(full).is_err() {
-                    break;
-                }
-            }
-        }
-        if !batch.is_empty() {
-            let _ = send.send(batch);
-        }
-        drop(send);
     });
     Ok(Summary {
         scanned: counters.scanned.into_inner(),
@@ -1089,6 +1081,131 @@ pub fn inject_dir(
     })
 }
 
+/// A unit of work for the [`inject_dir`] workers.
+enum Work {
+    /// A folder to list (never a symlink: those are not followed).
+    Dir(PathBuf),
+    /// Page-named entries to handle.
+    Pages(Vec<(PathBuf, fs::FileType)>),
+}
+
+/// The shared work of an [`inject_dir`] run. It holds at most `limit`
+/// items: a worker that would add more does the work itself, so memory is
+/// bounded by the depth of the tree, not by the number of pages or folders.
+struct WorkQueue {
+    state: std::sync::Mutex<QueueState>,
+    wake: std::sync::Condvar,
+    limit: usize,
+}
+
+struct QueueState {
+    work: Vec<Work>,
+    /// Workers holding an item; when none is and the queue is empty, all is done.
+    busy: usize,
+}
+
+impl WorkQueue {
+    fn new(limit: usize, root: PathBuf) -> WorkQueue {
+        WorkQueue {
+            state: std::sync::Mutex::new(QueueState {
+                work: vec![Work::Dir(root)],
+                busy: 0,
+            }),
+            wake: std::sync::Condvar::new(),
+            limit,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, QueueState> {
+        // A poisoned lock only means another worker panicked; the state is whole.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The next item, or `None` when everything is done.
+    fn next(&self) -> Option<Work> {
+        let mut state = self.lock();
+        loop {
+            if let Some(work) = state.work.pop() {
+                state.busy += 1;
+                return Some(work);
+            }
+            if state.busy == 0 {
+                self.wake.notify_all();
+                return None;
+            }
+            state = self.wake.wait(state).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+
+    /// Offers an item to the other workers; gives it back when the queue is full.
+    fn offer(&self, work: Work) -> Option<Work> {
+        let mut state = self.lock();
+        if state.work.len() >= self.limit {
+            return Some(work);
+        }
+        state.work.push(work);
+        self.wake.notify_one();
+        None
+    }
+
+    /// The item taken with `next` is finished.
+    fn done(&self) {
+        let mut state = self.lock();
+        state.busy -= 1;
+        if state.busy == 0 && state.work.is_empty() {
+            self.wake.notify_all();
+        }
+    }
+}
+
+/// Lists `dir`: page-named entries go out in batches and subfolders to the
+/// queue, or are handled right here (depth first) when the queue is full.
+fn walk_dir(
+    dir: &Path,
+    queue: &WorkQueue,
+    failed: &(dyn Fn(&Path, io::Error) + Sync),
+    handle_batch: &mut dyn FnMut(Vec<(PathBuf, fs::FileType)>),
+) {
+    let entries = match fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) => return failed(dir, e),
+    };
+    let mut batch = Vec::new();
+    for entry in entries {
+        let entry = match entry {
+            Ok(entry) => entry,
+            Err(e) => {
+                failed(dir, e);
+                continue;
+            }
+        };
+        // The entry's own type (from the listing, else lstat): symlinks stay symlinks.
+        let kind = match entry.file_type() {
+            Ok(kind) => kind,
+            Err(e) => {
+                failed(&entry.path(), e);
+                continue;
+            }
+        };
+        if kind.is_dir() {
+            if let Some(Work::Dir(sub)) = queue.offer(Work::Dir(entry.path())) {
+                walk_dir(&sub, queue, failed, handle_batch);
+            }
+        } else if is_page(&entry.file_name()) {
+            batch.push((entry.path(), kind));
+            if batch.len() == BATCH {
+                let full = std::mem::replace(&mut batch, Vec::with_capacity(BATCH));
+                if let Some(Work::Pages(full)) = queue.offer(Work::Pages(full)) {
+                    handle_batch(full);
+                }
+            }
+        }
+    }
+    if !batch.is_empty() {
+        handle_batch(batch);
+    }
+}
+
 /// Per-worker buffers, reused from page to page.
 #[derive(Default)]
 struct Buffers {
@@ -1097,6 +1214,11 @@ struct Buffers {
 }
 
 /// Adds `links` to one page file; see the module documentation.
+///
+/// The first read (up to [`FIRST_READ`]) holds the head of nearly every
+/// page; when that settles it and the page is fine, that one read is all
+/// the work. Otherwise the page is read whole (below [`IN_MEMORY`]) or
+/// streamed.
 fn inject_file(
     path: &Path,
     links: &[Link],
@@ -1104,22 +1226,48 @@ fn inject_file(
     bufs: &mut Buffers,
 ) -> Result<PageStatus, InjectError> {
     let mut file = File::open(path).map_err(InjectError::Read)?;
+    if bufs.page.len() < FIRST_READ {
+        bufs.page.resize(FIRST_READ, 0);
+    }
+    let mut scanner = Scanner::new(links);
+    let first = read_some(&mut file, &mut bufs.page[..FIRST_READ]).map_err(InjectError::Read)?;
+    let scan = if scanner.feed(&bufs.page[..first])? {
+        let plan = scanner.finish()?;
+        if plan.edits.is_empty() {
+            return Ok(PageStatus::Fine);
+        }
+        Ok(plan)
+    } else {
+        Err(scanner) // still looking: it needs more of the page
+    };
     let meta = file.metadata().map_err(InjectError::Read)?;
     if !meta.is_file() {
         return Ok(PageStatus::Skipped(Skip::NotAFile));
     }
     let size = usize::try_from(meta.len()).unwrap_or(usize::MAX);
-    if size < IN_MEMORY {
-        // One more byte than the size, to notice a file that grew since.
+    if size < IN_MEMORY && first <= size {
+        // One byte more than the size, to notice a file that grew since.
         if bufs.page.len() <= size {
             bufs.page.resize(size + 1, 0);
         }
-        let got = read_up_to(&mut file, &mut bufs.page[..=size], size)?;
+        let got = if first < FIRST_READ && first == size {
+            first // a short read that ended where fstat says the file ends
+        } else {
+            first + read_up_to(&mut file, &mut bufs.page[first..=size], size - first)?
+        };
         if got <= size {
-            return inject_in_memory(path, &meta, &bufs.page[..got], links, mode);
+            let page = &bufs.page[..got];
+            let plan = match scan {
+                Ok(plan) => plan,
+                Err(mut scanner) => {
+                    scanner.feed(&page[first..])?;
+                    scanner.finish()?
+                }
+            };
+            return rewrite_in_memory(path, &meta, page, plan, links, mode);
         }
-        file.seek(SeekFrom::Start(0)).map_err(InjectError::Read)?;
     }
+    file.seek(SeekFrom::Start(0)).map_err(InjectError::Read)?;
     inject_streaming(path, &mut file, &meta, links, mode, bufs)
 }
 
@@ -1142,17 +1290,15 @@ fn read_up_to(file: &mut File, buf: &mut [u8], size: usize) -> Result<usize, Inj
     Ok(got)
 }
 
-/// A page held whole in memory (below [`IN_MEMORY`]).
-fn inject_in_memory(
+/// A page held whole in memory (below [`IN_MEMORY`]), with its plan.
+fn rewrite_in_memory(
     path: &Path,
     meta: &fs::Metadata,
     page: &[u8],
+    plan: Plan,
     links: &[Link],
     mode: Mode,
 ) -> Result<PageStatus, InjectError> {
-    let mut scanner = Scanner::new(links);
-    scanner.feed(page)?;
-    let plan = scanner.finish()?;
     if plan.edits.is_empty() {
         return Ok(PageStatus::Fine);
     }

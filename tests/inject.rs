@@ -891,3 +891,49 @@ fn library_rewrites_one_document() {
     assert_eq!(out, r.html.as_ref());
     assert!(rewrite_html(b"<p>\xff</p>", &links).is_err());
 }
+
+#[test]
+fn every_page_of_wide_and_deep_trees_is_handled_once() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let page = "<html><head></head><body></body></html>";
+    // A flat folder of many pages, many folders of one page, and a deep chain:
+    // more work than the shared queue holds, so workers also walk inline.
+    for i in 0..700 {
+        write(&root.join(format!("flat/p{i}.html")), page);
+    }
+    for i in 0..300 {
+        write(&root.join(format!("posts/post-{i}/index.html")), page);
+    }
+    let mut deep = root.join("deep");
+    for i in 0..40 {
+        deep = deep.join(format!("d{i}"));
+        write(&deep.join("index.htm"), page);
+    }
+    let total = 700 + 300 + 40;
+    for jobs in ["1", "3", "16"] {
+        let run = inject(&[s(root), "--endpoint", URL, "--check", "--jobs", jobs]);
+        assert_eq!(run.code, 1);
+        let mut listed: Vec<&str> = run.stdout.lines().collect();
+        listed.sort();
+        listed.dedup();
+        assert_eq!(listed.len(), total, "--jobs {jobs}");
+    }
+    let run = inject(&[s(root), "--endpoint", URL]);
+    assert!(
+        run.stderr
+            .contains(&format!("{total} pages scanned, {total} changed")),
+        "{}",
+        run.stderr
+    );
+    let after = snapshot(root);
+    assert!(after.values().all(|(b, _, _)| count(b, TAG) == 1));
+    let run = inject(&[s(root), "--endpoint", URL, "-j", "2"]);
+    assert!(
+        run.stderr
+            .contains(&format!("0 changed, {total} already fine")),
+        "{}",
+        run.stderr
+    );
+    assert_eq!(snapshot(root), after);
+}
