@@ -50,8 +50,16 @@
 //! makes you rebuild anyway, and an fsync per page would make a site-wide run
 //! many times slower. Pages up to 1 MiB are handled in memory; bigger ones
 //! are streamed, so memory stays bounded whatever the size of a page or of
-//! the site. Symbolic links are never followed and non-HTML files are never
-//! opened.
+//! the site. Symbolic links are never followed (neither to pages nor to
+//! folders) and non-HTML files are never opened.
+//!
+//! A page is rewritten only when it is UTF-8 throughout and does not end
+//! inside a tag (a sign of a truncated file); otherwise it is reported and
+//! left as it was, and the other pages carry on. A page that already carries
+//! every link is not examined beyond its head.
+//!
+//! The pages are shared out to one worker per CPU, which also list the
+//! folders, through a queue of bounded length.
 
 use std::borrow::Cow;
 use std::cell::RefCell;

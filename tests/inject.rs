@@ -937,3 +937,182 @@ fn every_page_of_wide_and_deep_trees_is_handled_once() {
     );
     assert_eq!(snapshot(root), after);
 }
+
+/// A generator at `INDIEPM_<NAME>` or its default path (as .ci/run
+/// installs it), or `None` with a loud note outside CI.
+fn generator(env: &str, default: &str, what: &str) -> Option<PathBuf> {
+    let path = PathBuf::from(std::env::var(env).unwrap_or_else(|_| default.into()));
+    if path.exists() {
+        return Some(path);
+    }
+    assert!(
+        std::env::var_os("CI").is_none(),
+        "{what} is missing at {} (set {env}); .ci/run installs it",
+        path.display()
+    );
+    eprintln!(
+        "\n!!! SKIPPED: {what} is missing at {} (set {env}) !!!\n",
+        path.display()
+    );
+    None
+}
+
+fn run_ok(cmd: &mut Command) {
+    let out = cmd.output().expect("run generator");
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Every page of `out` carries inject's exact tag, and inject agrees.
+fn assert_generator_link(out: &Path, what: &str) {
+    let snap = snapshot(out);
+    assert!(!pages(&snap).is_empty(), "{what}: no pages in {out:?}");
+    for page in pages(&snap) {
+        let html = &snap[page].0;
+        assert_eq!(
+            count(html, TAG),
+            1,
+            "{what} {page:?}: {}",
+            String::from_utf8_lossy(html)
+        );
+        assert_eq!(discovered(html, "pm").as_deref(), Some(URL));
+    }
+    let run = inject(&[s(out), "--endpoint", URL, "--check"]);
+    assert_eq!(run.code, 0, "{what}: {}", run.stderr);
+}
+
+#[test]
+fn jekyll_include_emits_the_link_inject_expects() {
+    let Some(jekyll) = generator(
+        "INDIEPM_JEKYLL",
+        "/usr/bin/jekyll",
+        "Jekyll (apt-get install jekyll)",
+    ) else {
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    write(
+        &src.join("_includes/pm-link.html"),
+        fs::read(repo().join("templates/jekyll/pm-link.html")).unwrap(),
+    );
+    write(
+        &src.join("_layouts/default.html"),
+        "<!DOCTYPE html>\n<html>\n<head>\n<title>{{ page.title }}</title>\n{% include pm-link.html %}\n</head>\n<body>{{ content }}</body>\n</html>\n",
+    );
+    write(
+        &src.join("index.md"),
+        "---\nlayout: default\ntitle: Home\n---\nHello.\n",
+    );
+    write(
+        &src.join("about.md"),
+        "---\nlayout: default\ntitle: About\n---\nAbout.\n",
+    );
+    for (config, has_link) in [
+        (format!("pm_endpoint: \"{URL}\"\n"), true),
+        (String::new(), false),
+    ] {
+        write(&src.join("_config.yml"), format!("title: t\n{config}"));
+        let out = tmp.path().join("out");
+        let _ = fs::remove_dir_all(&out);
+        run_ok(
+            Command::new(&jekyll)
+                .args(["build", "--quiet", "--disable-disk-cache", "--source"])
+                .arg(&src)
+                .arg("--destination")
+                .arg(&out)
+                .current_dir(tmp.path())
+                .env("JEKYLL_NO_BUNDLER_REQUIRE", "true"),
+        );
+        if has_link {
+            assert_generator_link(&out, "jekyll");
+        } else {
+            let home = fs::read(out.join("index.html")).unwrap();
+            assert_eq!(discovered(&home, "pm"), None, "no pm_endpoint, no link");
+        }
+    }
+}
+
+#[test]
+fn eleventy_plugin_emits_the_link_inject_expects() {
+    let Some(eleventy) = generator(
+        "INDIEPM_ELEVENTY",
+        "/opt/indiepm-test-tools/eleventy/node_modules/.bin/eleventy",
+        "Eleventy (npm install @11ty/eleventy in /opt/indiepm-test-tools/eleventy, see .ci/run)",
+    ) else {
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    write(
+        &root.join("pm-link.js"),
+        fs::read(repo().join("templates/eleventy/pm-link.js")).unwrap(),
+    );
+    let head = "<!DOCTYPE html>\n<html>\n<head>\n<title>{{ title }}</title>\n";
+    write(
+        &root.join("src/_includes/shortcode.njk"),
+        format!("{head}{{% pmLink %}}\n</head>\n<body>{{{{ content | safe }}}}</body>\n</html>\n"),
+    );
+    write(
+        &root.join("src/_includes/plain.njk"),
+        format!("{head}</head>\n<body>{{{{ content | safe }}}}</body>\n</html>\n"),
+    );
+    let url_js = URL.replace('"', "\\\"");
+    for (layout, options) in [
+        ("shortcode.njk", format!("{{ endpoint: \"{url_js}\" }}")),
+        (
+            "plain.njk",
+            format!("{{ endpoint: \"{url_js}\", transform: true }}"),
+        ),
+    ] {
+        write(
+            &root.join("eleventy.config.js"),
+            format!(
+                "const pmLink = require(\"./pm-link.js\");\n\
+                 module.exports = function (eleventyConfig) {{\n  eleventyConfig.addPlugin(pmLink, {options});\n}};\n"
+            ),
+        );
+        write(
+            &root.join("src/index.md"),
+            format!("---\nlayout: {layout}\ntitle: Home\n---\nHello.\n"),
+        );
+        write(
+            &root.join("src/about.md"),
+            format!("---\nlayout: {layout}\ntitle: About\n---\nAbout.\n"),
+        );
+        let out = root.join("_site");
+        let _ = fs::remove_dir_all(&out);
+        run_ok(
+            Command::new(&eleventy)
+                .args(["--input=src", "--output=_site", "--quiet"])
+                .current_dir(root),
+        );
+        assert_generator_link(&out, &format!("eleventy {layout}"));
+    }
+}
+
+#[test]
+fn zola_and_hugo_snippets_read_the_documented_keys() {
+    // Zola is in no registry the CI machine reaches, so its snippets are
+    // checked as text: the key, the escaping, and the exact tag shape.
+    for (file, key) in [
+        ("templates/zola/pm-link.html", "config.extra.pm_endpoint"),
+        ("templates/zola/pm-macros.html", "endpoint"),
+        ("templates/hugo/pm-link.html", "site.Params.pm_endpoint"),
+        ("templates/jekyll/pm-link.html", "site.pm_endpoint"),
+    ] {
+        let text = fs::read_to_string(repo().join(file)).unwrap();
+        assert!(text.contains(key), "{file} reads {key}");
+        assert!(
+            text.contains(r#"<link rel="pm" href=""#),
+            "{file} emits the tag"
+        );
+        if file.contains("zola") || file.contains("jekyll") {
+            assert!(text.contains("| escape"), "{file} escapes the URL");
+        }
+    }
+}

@@ -129,12 +129,11 @@ pub fn run(args: Args) -> CmdResult {
         (_, true) => "would change",
         _ => "changed",
     };
-    let replaced = match summary.replaced {
-        0 => String::new(),
-        n => format!(
-            " ({n} stale link{} replaced)",
-            if n == 1 { "" } else { "s" }
-        ),
+    let replaced = match (summary.replaced, mode) {
+        (0, _) => String::new(),
+        (1, Mode::Write) => " (1 stale link replaced)".to_string(),
+        (n, Mode::Write) => format!(" ({n} stale links replaced)"),
+        (n, Mode::ReadOnly) => format!(" ({n} with a stale link)"),
     };
     eprintln!(
         "indiepm inject: {} pages scanned, {} {verb}{replaced}, {} already fine, {} skipped, {} failed in {}",
