@@ -1832,6 +1832,11 @@ mod tests {
                     "<html><head><template><div>a</div></template><noscript><p>n</p></noscript>{t}</head>"
                 ),
             ),
+            // upper-case tags
+            (
+                "<HTML><HEAD><TITLE>x</TITLE></HEAD><BODY></BODY></HTML>",
+                format!("<HTML><HEAD><TITLE>x</TITLE>{t}</HEAD><BODY></BODY></HTML>"),
+            ),
             // a </head> inside a comment or script does not count
             (
                 "<html><head><!-- </head> --><script>\"</head>\"</script></head>",

@@ -744,7 +744,7 @@ fn bad_input_is_one_line_and_exit_2() {
             vec![s(root), "--endpoint", "ftp://pm.example.org/"],
             "http or https",
         ),
-        (vec![s(root), "--endpoint", "https://"], "pm"),
+        (vec![s(root), "--endpoint", "https://"], "not a URL"),
         (vec![s(&missing), "--endpoint", URL], "does not exist"),
         (vec![s(&file), "--endpoint", URL], "is not a folder"),
         (vec![s(root), "--config", s(&missing)], "cannot read config"),

@@ -206,7 +206,7 @@ fn progress_bar() -> ProgressBar {
         return ProgressBar::hidden();
     }
     let bar = ProgressBar::new_spinner();
-    if let Ok(style) = ProgressStyle::with_template("{spinner} {pos} pages ({per_sec}) {elapsed}") {
+    if let Ok(style) = ProgressStyle::with_template("{spinner} {pos} pages, {elapsed}") {
         bar.set_style(style);
     }
     bar.enable_steady_tick(Duration::from_millis(100));
