@@ -199,11 +199,15 @@ async fn run_flow(n: usize, alice: &Server, bob_url: &str, bob: &Server) -> Run 
                 if !name.ends_with(".md") || name.starts_with('.') || name.starts_with('_') {
                     continue;
                 }
-                let created = created.lock().unwrap();
-                if let Some(key) = created.keys().find(|k| name.contains(k.as_str()))
-                    && !arrived.contains_key(key)
-                {
-                    arrived.insert(key.clone(), Instant::now());
+                // DATE-HOST-IDPREFIX12.md: the key is the 12 characters before ".md".
+                let Some(key) = name
+                    .strip_suffix(".md")
+                    .and_then(|stem| stem.get(stem.len().saturating_sub(12)..))
+                else {
+                    continue;
+                };
+                if !arrived.contains_key(key) && created.lock().unwrap().contains_key(key) {
+                    arrived.insert(key.to_string(), Instant::now());
                 }
             }
         }
@@ -330,7 +334,11 @@ async fn main() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(2000);
-    let tmp = tempfile::tempdir().unwrap();
+    // BENCH_DIR picks the file system (fsync and inode costs depend on it).
+    let tmp = match std::env::var_os("BENCH_DIR") {
+        Some(d) => tempfile::tempdir_in(d).unwrap(),
+        None => tempfile::tempdir().unwrap(),
+    };
     let stop = CancellationToken::new();
     println!(
         "indiepm server benchmark: {n} messages Alice -> Bob per flow, {CONCURRENCY} created at once"
