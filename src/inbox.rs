@@ -152,7 +152,7 @@ pub fn write_message(site: &SiteConfig, folder: Folder, msg: &MessageFile) -> io
     };
     let stem = format!(
         "{}-{}-",
-        date_part(&msg.published),
+        date_part(&msg.published.min(msg.received.fixed_offset())),
         sanitize_host(peer.host())
     );
     let path = {
@@ -166,7 +166,10 @@ pub fn write_message(site: &SiteConfig, folder: Folder, msg: &MessageFile) -> io
     Ok(path)
 }
 
-/// `YYYY-MM-DD` of the published time in UTC, digits and dashes only.
+/// `YYYY-MM-DD` in UTC, digits and dashes only, of the published time, or
+/// of the received time when the sender claims a later one (a message dated
+/// 9999 must not sit on top of the inbox forever). The published time is
+/// stable across retries, so a retried delivery lands on the same name.
 fn date_part(published: &DateTime<FixedOffset>) -> String {
     published
         .with_timezone(&Utc)

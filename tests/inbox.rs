@@ -129,6 +129,21 @@ fn file_name_is_date_host_and_id_prefix() {
 }
 
 #[test]
+fn a_future_published_date_does_not_name_the_file() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = site(tmp.path(), Flavor::Hugo, None);
+    let mut m = Msg::new(ID);
+    // A sender claiming 9999 would sit on top of the inbox forever.
+    m.published = DateTime::parse_from_rfc3339("9999-12-31T00:00:00Z").unwrap();
+    let path = write_message(&s, Folder::Inbox, &m.file()).unwrap();
+    assert_eq!(
+        path.file_name().unwrap().to_string_lossy(),
+        "2024-03-06-alice.example.org-AbCdEfGhIjKl.md",
+        "named from the received date"
+    );
+}
+
+#[test]
 fn file_name_never_comes_from_raw_input() {
     let tmp = tempfile::tempdir().unwrap();
     let s = site(tmp.path(), Flavor::Hugo, None);
