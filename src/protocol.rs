@@ -356,6 +356,20 @@ impl Params {
     }
 }
 
+/// A stranger's text made safe for a log line or a stored error: control
+/// characters escaped (no forged log lines), at most `max` characters.
+pub fn excerpt(text: &str, max: usize) -> String {
+    let mut out: String = text
+        .chars()
+        .take(max)
+        .flat_map(char::escape_debug)
+        .collect();
+    if text.chars().nth(max).is_some() {
+        out.push('…');
+    }
+    out
+}
+
 /// A fresh secret of the protocol alphabet: 32 bytes from the thread-local
 /// CSPRNG (ChaCha, seeded from the OS), base64url without padding: 43 characters,
 /// 256 bits. Used for message IDs, codes and tokens alike.
@@ -420,6 +434,12 @@ mod tests {
             let e = Request::parse(body.as_bytes()).unwrap_err();
             assert_eq!(e.code, "invalid_request", "{body}");
         }
+    }
+
+    #[test]
+    fn excerpts_cannot_forge_log_lines() {
+        assert_eq!(excerpt("ok\nINFO forged", 100), "ok\\nINFO forged");
+        assert_eq!(excerpt(&"x".repeat(10), 4), "xxxx…");
     }
 
     #[test]

@@ -241,10 +241,7 @@ async fn handshake(
         Ok(resp) if resp.status != StatusCode::ACCEPTED => Some(format!(
             "step 4: {ps} answered deliver with HTTP {}: {}",
             resp.status.as_u16(),
-            String::from_utf8_lossy(&resp.body)
-                .chars()
-                .take(200)
-                .collect::<String>()
+            protocol::excerpt(&String::from_utf8_lossy(&resp.body), 200)
         )),
         Ok(_) => None,
     };

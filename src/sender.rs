@@ -241,9 +241,10 @@ fn classify(
             let detail = serde_json::from_slice::<serde_json::Value>(&resp.body)
                 .ok()
                 .and_then(|v| {
-                    v["error"]
-                        .as_str()
-                        .map(|e| format!("{e}: {}", v["error_description"].as_str().unwrap_or("")))
+                    v["error"].as_str().map(|e| {
+                        let d = v["error_description"].as_str().unwrap_or("");
+                        protocol::excerpt(&format!("{e}: {d}"), 300)
+                    })
                 })
                 .unwrap_or_default();
             let msg = format!("{what} answered HTTP {} {detail}", resp.status.as_u16());
