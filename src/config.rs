@@ -328,9 +328,10 @@ impl Config {
             ("give_up_after_secs", d.give_up_after_secs),
             ("renotify_after_secs", d.renotify_after_secs),
         ] {
-            if !(v.is_finite() && v > 0.0) {
+            // At most ten years: the schedule adds these to the clock in ms.
+            if !(v.is_finite() && v > 0.0 && v <= 315_360_000.0) {
                 return Err(format!(
-                    "[delivery] {name} must be a positive number of seconds"
+                    "[delivery] {name} must be a positive number of seconds, at most ten years"
                 ));
             }
         }
@@ -430,6 +431,21 @@ content_dir = "site/content"
             .unwrap_err()
             .to_string();
         assert!(err.contains("plain folder"), "{err}");
+    }
+
+    #[test]
+    fn delivery_times_are_bounded() {
+        for bad in [
+            "retry_max_secs = 0",
+            "give_up_after_secs = 1e300",
+            "renotify_after_secs = -1",
+        ] {
+            let text = format!("{MIN}[delivery]\n{bad}\n");
+            let err = Config::parse(&text, Path::new("x.toml"))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("positive number of seconds"), "{bad}: {err}");
+        }
     }
 
     #[test]

@@ -11,8 +11,10 @@
 //! - channel flow: push under the channel token for (sender, recipient) if
 //!   we hold one, else send a code (step 2) and wait for `deliver`.
 //!
-//! Failures back off exponentially with jitter, honour `Retry-After`, and
-//! stop only after `give_up_after_secs` (at least 3 days by default).
+//! Transient failures (connection errors, timeouts, 5xx, 429) back off
+//! exponentially with jitter, honour `Retry-After`, and stop only after
+//! `give_up_after_secs` (4 days by default); a refusal that retrying cannot
+//! change (another 4xx from a freshly discovered endpoint) fails at once.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
