@@ -135,6 +135,7 @@ async fn accept_loop(listener: TcpListener, app: Arc<App>) {
     let slots = Arc::new(Semaphore::new(app.config.limits.max_connections));
     let header_timeout = Duration::from_secs(app.config.limits.header_timeout_secs);
     let worker = tokio::spawn(crate::sender::run_queue(app.clone()));
+    let sweeper = tokio::spawn(sweep_loop(app.clone()));
     loop {
         let permit = tokio::select! {
             p = slots.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
@@ -183,7 +184,20 @@ async fn accept_loop(listener: TcpListener, app: Arc<App>) {
         );
     }
     worker.abort();
+    sweeper.abort();
     tracing::info!("stopped");
+}
+
+/// Drops expired tokens and codes at start and then hourly.
+async fn sweep_loop(app: Arc<App>) {
+    loop {
+        match app.store.sweep(crate::app::now_ms()).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(rows = n, "expired tokens and codes removed"),
+            Err(e) => tracing::warn!(error = %e, "sweep of expired tokens failed"),
+        }
+        tokio::time::sleep(Duration::from_secs(3600)).await;
+    }
 }
 
 /// Routes one request. Never panics on input; every protocol error is JSON.

@@ -616,6 +616,66 @@ impl Store {
     }
 }
 
+/// How long an expired token is kept: a sender retrying a push it lost the
+/// answer to still gets its `200` (PROTOCOL.md step 6) for this long.
+pub const TOKEN_RETENTION_MS: i64 = 7 * 86_400_000;
+/// How long a code is kept after it was issued (it is valid 10 minutes).
+pub const CODE_RETENTION_MS: i64 = 86_400_000;
+
+impl Store {
+    /// Removes tokens expired more than [`TOKEN_RETENTION_MS`] ago, codes
+    /// issued more than [`CODE_RETENTION_MS`] ago, and handshakes whose
+    /// token is gone, so that strangers' handshakes do not grow the
+    /// database forever. Returns how many rows went. (Received messages are
+    /// kept: they are what makes a late retry a no-op.)
+    pub async fn sweep(&self, now_ms: i64) -> Result<usize> {
+        self.write(move |txn| {
+            let mut removed = 0;
+            let mut tokens = txn.open_table(TOKENS)?;
+            let old: Vec<String> = tokens
+                .iter()?
+                .filter_map(|e| e.ok())
+                .filter(|(_, v)| {
+                    decode::<IssuedToken>(v.value())
+                        .is_none_or(|t| t.expires_ms + TOKEN_RETENTION_MS < now_ms)
+                })
+                .map(|(k, _)| k.value().to_string())
+                .collect();
+            for k in &old {
+                tokens.remove(k.as_str())?;
+            }
+            removed += old.len();
+            let mut handshakes = txn.open_table(HANDSHAKES)?;
+            let orphans: Vec<String> = handshakes
+                .iter()?
+                .filter_map(|e| e.ok())
+                .filter(|(_, hash)| tokens.get(hash.value()).ok().flatten().is_none())
+                .map(|(k, _)| k.value().to_string())
+                .collect();
+            for k in &orphans {
+                handshakes.remove(k.as_str())?;
+            }
+            removed += orphans.len();
+            let mut codes = txn.open_table(CODES)?;
+            let old: Vec<String> = codes
+                .iter()?
+                .filter_map(|e| e.ok())
+                .filter(|(_, v)| {
+                    decode::<Code>(v.value())
+                        .is_none_or(|c| c.issued_ms + CODE_RETENTION_MS < now_ms)
+                })
+                .map(|(k, _)| k.value().to_string())
+                .collect();
+            for k in &old {
+                codes.remove(k.as_str())?;
+            }
+            removed += old.len();
+            Ok(removed)
+        })
+        .await
+    }
+}
+
 fn write_loop(db: &Database, jobs: mpsc::Receiver<Job>) {
     while let Ok(first) = jobs.recv() {
         let mut batch = vec![first];
@@ -733,6 +793,68 @@ mod tests {
             store.message("m007").unwrap().unwrap().state,
             State::Delivered
         );
+    }
+
+    #[tokio::test]
+    async fn sweep_drops_old_tokens_codes_and_orphan_handshakes_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let tok = |expires_ms| IssuedToken {
+            kind: "message".into(),
+            sender: "https://a.example/".into(),
+            recipient: "https://b.example/".into(),
+            message: Some("M".into()),
+            issued_ms: 0,
+            expires_ms,
+            used: false,
+            sender_name: None,
+            sender_photo: None,
+        };
+        let now = 100 * 86_400_000;
+        store
+            .issue_token("old".into(), "M1".into(), tok(now - TOKEN_RETENTION_MS - 1))
+            .await
+            .unwrap();
+        store
+            .issue_token("recent".into(), "M2".into(), tok(now - 1000))
+            .await
+            .unwrap();
+        let code = |issued_ms| Code {
+            sender: "https://a.example/".into(),
+            recipient: "https://b.example/".into(),
+            issued_ms,
+            used: false,
+        };
+        store
+            .put_code("c-old".into(), code(now - CODE_RETENTION_MS - 1))
+            .await
+            .unwrap();
+        store
+            .put_code("c-new".into(), code(now - 1000))
+            .await
+            .unwrap();
+        assert_eq!(
+            store.sweep(now).await.unwrap(),
+            3,
+            "old token, its handshake, old code"
+        );
+        assert!(store.token("old").unwrap().is_none());
+        assert!(
+            store
+                .handshake("https://a.example/", "M1")
+                .unwrap()
+                .is_none()
+        );
+        assert!(store.token("recent").unwrap().is_some());
+        assert!(
+            store
+                .handshake("https://a.example/", "M2")
+                .unwrap()
+                .is_some()
+        );
+        assert!(store.code("c-old").unwrap().is_none());
+        assert!(store.code("c-new").unwrap().is_some());
+        assert_eq!(store.sweep(now).await.unwrap(), 0);
     }
 
     #[tokio::test]
