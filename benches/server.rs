@@ -104,6 +104,7 @@ retry_initial_secs = 0.2
 [limits]
 notify_per_minute_per_host = 1000000
 notify_per_minute_per_client = 1000000
+messages_per_minute_per_sender = 1000000
 [auth]
 tokens = ["sha256:{}"]
 "#,
