@@ -96,6 +96,7 @@ pub async fn fetch_profile(fetcher: &Fetcher, identity: &Url) -> Result<Profile,
 /// whose `u-url` is the page itself, else the first `h-card`.
 pub fn hcard(base: &Url, html: &str) -> (Option<String>, Option<String>) {
     let doc = Html::parse_document(html);
+    // Only called with the constant selectors below, which parse.
     let sel = |s: &str| Selector::parse(s).expect("constant selector");
     let cards: Vec<ElementRef> = doc.select(&sel(".h-card")).collect();
     let url_sel = sel(".u-url[href]");

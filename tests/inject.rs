@@ -54,25 +54,27 @@ fn s(p: &Path) -> &str {
 type Snapshot = BTreeMap<PathBuf, (Vec<u8>, SystemTime, u32)>;
 
 fn snapshot(dir: &Path) -> Snapshot {
-    let mut out = BTreeMap::new();
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        for entry in fs::read_dir(&d).unwrap() {
-            let path = entry.unwrap().path();
-            let meta = fs::symlink_metadata(&path).unwrap();
-            if meta.is_dir() {
-                stack.push(path);
-            } else if meta.is_file() && meta.permissions().mode() & 0o400 != 0 {
-                let rel = path.strip_prefix(dir).unwrap().to_path_buf();
-                let bytes = fs::read(&path).unwrap();
-                out.insert(
-                    rel,
-                    (bytes, meta.modified().unwrap(), meta.permissions().mode()),
-                );
-            }
-        }
-    }
-    out
+    walk(dir)
+        .filter(|e| e.file_type().is_file())
+        .map(|e| (e.path().to_path_buf(), e.metadata().unwrap()))
+        .filter(|(_, meta)| meta.permissions().mode() & 0o400 != 0)
+        .map(|(path, meta)| {
+            let rel = path.strip_prefix(dir).unwrap().to_path_buf();
+            let bytes = fs::read(&path).unwrap();
+            (
+                rel,
+                (bytes, meta.modified().unwrap(), meta.permissions().mode()),
+            )
+        })
+        .collect()
+}
+
+/// Every entry under `dir`, symlinks not followed.
+fn walk(dir: &Path) -> impl Iterator<Item = walkdir::DirEntry> {
+    walkdir::WalkDir::new(dir)
+        .min_depth(1)
+        .into_iter()
+        .map(|e| e.unwrap())
 }
 
 fn pages(snap: &Snapshot) -> Vec<&PathBuf> {
@@ -83,24 +85,10 @@ fn pages(snap: &Snapshot) -> Vec<&PathBuf> {
 
 /// Temporary files of ours left anywhere under `dir`.
 fn leftovers(dir: &Path) -> Vec<PathBuf> {
-    let mut found = Vec::new();
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        for entry in fs::read_dir(&d).unwrap() {
-            let path = entry.unwrap().path();
-            let meta = fs::symlink_metadata(&path).unwrap();
-            if meta.is_dir() {
-                stack.push(path.clone());
-            }
-            if path
-                .file_name()
-                .is_some_and(|n| n.to_string_lossy().starts_with(".indiepm-"))
-            {
-                found.push(path);
-            }
-        }
-    }
-    found
+    walk(dir)
+        .filter(|e| e.file_name().to_string_lossy().starts_with(".indiepm-"))
+        .map(|e| e.path().to_path_buf())
+        .collect()
 }
 
 /// The `href` discovery would pick for `rel`: the first `<link>` or `<a>`
