@@ -82,15 +82,8 @@ impl App {
 
     /// The site with identity `me` whose endpoint is served on `path`.
     pub fn site_on_path(&self, me: &str, path: &str) -> Option<&SiteConfig> {
-        self.site(me).filter(|s| endpoint_path(&s.endpoint) == path)
+        self.site(me).filter(|s| s.endpoint_path() == path)
     }
-}
-
-/// The path part of an endpoint URL, on which the server answers for it.
-pub fn endpoint_path(endpoint: &str) -> String {
-    url::Url::parse(endpoint)
-        .map(|u| u.path().to_string())
-        .unwrap_or_else(|_| "/".into())
 }
 
 /// Locks a mutex whose data stays consistent even if a holder panicked.

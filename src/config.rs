@@ -205,12 +205,35 @@ pub struct SiteConfig {
     /// (`indiepm password` makes one); `[auth] password` acts for the first site.
     #[serde(default)]
     pub password: Option<String>,
+    /// The canonical identity and the endpoint's path, parsed once by
+    /// [`Config::parse`] so that routing a request parses no URL.
+    #[serde(skip)]
+    parsed: Option<(Identity, String)>,
 }
 
 impl SiteConfig {
     pub fn identity(&self) -> Identity {
-        // Validated in `Config::validate`, so this parse cannot fail afterwards.
-        Identity::parse(&self.me).unwrap_or_else(|_| unreachable!("validated at load"))
+        match &self.parsed {
+            Some((id, _)) => id.clone(),
+            // Validated in `Config::validate`, so this parse cannot fail afterwards.
+            None => Identity::parse(&self.me).unwrap_or_else(|_| unreachable!("validated at load")),
+        }
+    }
+
+    /// Whether this site's identity is `me`.
+    pub fn is(&self, me: &Identity) -> bool {
+        match &self.parsed {
+            Some((id, _)) => id == me,
+            None => &self.identity() == me,
+        }
+    }
+
+    /// The path of the endpoint URL, on which the server answers for this site.
+    pub fn endpoint_path(&self) -> &str {
+        match &self.parsed {
+            Some((_, path)) => path,
+            None => "/",
+        }
     }
 
     /// The inbox folder: `content_dir/inbox` unless the config names another
@@ -268,6 +291,13 @@ impl Config {
             site.content_dir = base.join(&site.content_dir);
         }
         config.validate().map_err(invalid)?;
+        for site in &mut config.sites {
+            let identity = site.identity();
+            let path = parse_http_url(&site.endpoint)
+                .map(|u| u.path().to_string())
+                .unwrap_or_else(|_| "/".into());
+            site.parsed = Some((identity, path));
+        }
         Ok(config)
     }
 
@@ -355,7 +385,7 @@ impl Config {
 
     /// The site whose identity is `me`.
     pub fn site(&self, me: &Identity) -> Option<&SiteConfig> {
-        self.sites.iter().find(|s| &s.identity() == me)
+        self.sites.iter().find(|s| s.is(me))
     }
 }
 
@@ -412,6 +442,7 @@ content_dir = "site/content"
             Path::new("/etc/indiepm/site/content/inbox")
         );
         assert_eq!(c.sites[0].identity().as_str(), "https://alice.example.org/");
+        assert_eq!(c.sites[0].endpoint_path(), "/");
         assert_eq!(c.delivery.flow, Flow::Channel);
     }
 

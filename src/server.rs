@@ -22,7 +22,7 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 
-use crate::app::{App, endpoint_path};
+use crate::app::App;
 use crate::protocol::{self, ProtoError};
 use crate::store::Store;
 
@@ -203,11 +203,7 @@ async fn sweep_loop(app: Arc<App>) {
 /// Routes one request. Never panics on input; every protocol error is JSON.
 async fn handle(app: &Arc<App>, req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
     let path = req.uri().path().to_string();
-    let is_endpoint = app
-        .config
-        .sites
-        .iter()
-        .any(|s| endpoint_path(&s.endpoint) == path);
+    let is_endpoint = app.config.sites.iter().any(|s| s.endpoint_path() == path);
     if is_endpoint {
         return match *req.method() {
             Method::POST => match protocol_post(app, req, peer, &path).await {
@@ -365,7 +361,7 @@ fn endpoint_info(app: &Arc<App>, req: &Request<Incoming>, path: &str) -> Respons
         .config
         .sites
         .iter()
-        .filter(|s| endpoint_path(&s.endpoint) == path)
+        .filter(|s| s.endpoint_path() == path)
         .map(|s| s.me.as_str())
         .collect();
     let page = maud::html! {
