@@ -87,6 +87,12 @@ impl ProtoError {
         e.retry_after = Some(retry_after);
         e
     }
+    /// Our own storage failed: logged here, answered `500` (not in the
+    /// protocol table), and nothing was acknowledged.
+    pub fn storage(e: crate::store::StoreError) -> Self {
+        tracing::error!(error = %e, "storage failure");
+        Self::server_error("storage failure; nothing was acknowledged, retry later")
+    }
     /// Not in the protocol table: our own storage failed, so nothing was acknowledged.
     pub fn server_error(d: impl Into<String>) -> Self {
         Self::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", d)

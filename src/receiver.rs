@@ -27,11 +27,6 @@ fn accepted() -> Response<Body> {
     json(StatusCode::ACCEPTED, &json!({"status": "accepted"}))
 }
 
-fn storage(e: crate::store::StoreError) -> ProtoError {
-    tracing::error!(error = %e, "storage failure");
-    ProtoError::server_error("storage failure; nothing was acknowledged, retry later")
-}
-
 /// Is `sender` on the site's blocklist? Entries are identity URLs, or
 /// domains that also cover their subdomains.
 pub fn is_blocked(block: &[String], sender: &Identity) -> bool {
@@ -54,7 +49,7 @@ fn blocked(app: &App, site: &SiteConfig, sender: &Identity) -> Result<bool, Prot
     let owner_blocks = app
         .store
         .blocks(site.identity().as_str())
-        .map_err(storage)?;
+        .map_err(ProtoError::storage)?;
     Ok(is_blocked(&owner_blocks, sender))
 }
 
@@ -102,12 +97,19 @@ pub async fn notify(
     // A repeat for a message already received, or whose handshake is still
     // in flight, does nothing new; any other repeat starts over.
     if let Subject::Message(m) = &subject
-        && app.store.received(&sender, m).map_err(storage)?.is_some()
+        && app
+            .store
+            .received(&sender, m)
+            .map_err(ProtoError::storage)?
+            .is_some()
     {
         tracing::info!(step = 2, %sender, id = %m, "notify for a message already received");
         return Ok(accepted());
     }
-    if let Some(tok) = app.store.handshake(&sender, &id).map_err(storage)?
+    if let Some(tok) = app
+        .store
+        .handshake(&sender, &id)
+        .map_err(ProtoError::storage)?
         && !tok.used
         && now_ms() - tok.issued_ms < protocol::HANDSHAKE_SECS * 1000
         && tok.expires_ms > now_ms()
@@ -283,7 +285,7 @@ pub async fn message(
         return Err(ProtoError::invalid_token("malformed token"));
     }
     let hash = hash_secret(&token);
-    let issued = app.store.token(&hash).map_err(storage)?;
+    let issued = app.store.token(&hash).map_err(ProtoError::storage)?;
     let bound = |t: &IssuedToken| {
         t.sender == push.sender
             && t.recipient == push.recipient
@@ -294,7 +296,7 @@ pub async fn message(
     if let Some(prev) = app
         .store
         .received(&push.sender, &push.message)
-        .map_err(storage)?
+        .map_err(ProtoError::storage)?
     {
         return match &issued {
             Some(t) if bound(t) || hashes_equal(&prev.token_hash, &hash) => {
@@ -400,7 +402,7 @@ pub async fn message(
             tok.kind == "message",
         )
         .await
-        .map_err(storage)?;
+        .map_err(ProtoError::storage)?;
     match outcome {
         RecordOutcome::Created => {
             tracing::info!(step = 6, sender = %push.sender, id = %push.message, file = %path.display(), "message received");

@@ -86,11 +86,6 @@ impl Queue {
     }
 }
 
-fn storage(e: StoreError) -> ProtoError {
-    tracing::error!(error = %e, "storage failure");
-    ProtoError::server_error("storage failure; retry later")
-}
-
 /// Step 0: stores a new outgoing message durably, writes its copy to the
 /// site's sent folder, and queues it in the configured flow.
 pub async fn create_message(
@@ -565,7 +560,7 @@ fn pending(
         Subject::Message(m) => Ok(app
             .store
             .message(m)
-            .map_err(storage)?
+            .map_err(ProtoError::storage)?
             .is_some_and(|msg| undelivered_between(&msg, sender, recipient))),
         Subject::Code(k) => code_valid(app, k, sender, recipient),
     }
@@ -578,7 +573,10 @@ fn undelivered_between(msg: &OutMessage, sender: &str, recipient: &str) -> bool 
 }
 
 fn code_valid(app: &App, code: &str, sender: &str, recipient: &str) -> Result<bool, ProtoError> {
-    let stored = app.store.code(&hash_secret(code)).map_err(storage)?;
+    let stored = app
+        .store
+        .code(&hash_secret(code))
+        .map_err(ProtoError::storage)?;
     Ok(stored.is_some_and(|c| {
         c.sender == sender
             && c.recipient == recipient
@@ -643,7 +641,7 @@ pub async fn deliver(
             app.store
                 .update_message(&m, move |msg| msg.grant = Some(grant))
                 .await
-                .map_err(storage)?;
+                .map_err(ProtoError::storage)?;
             tracing::info!(step = 5, %recipient, id = %m, "endpoint confirmed; pushing");
             app.queue.schedule(&m, now_ms());
         }
@@ -662,13 +660,13 @@ pub async fn deliver(
                     },
                 )
                 .await
-                .map_err(storage)?;
+                .map_err(ProtoError::storage)?;
             if !accepted {
                 return Err(ProtoError::not_found("code already used"));
             }
             lock(&app.codes_in_flight).remove(&(sender.clone(), recipient.clone()));
             tracing::info!(step = 5, %recipient, expires_in = secs, "channel token stored; pushing queued messages");
-            let pending = app.store.pending_messages().map_err(storage)?;
+            let pending = app.store.pending_messages().map_err(ProtoError::storage)?;
             for m in pending
                 .iter()
                 .filter(|m| m.sender == sender && m.recipient == recipient)
