@@ -12,6 +12,7 @@ use crate::config::{Config, SiteConfig};
 use crate::discover::DiscoveryCache;
 use crate::fetch::Fetcher;
 use crate::identity::Identity;
+use crate::inbox::writer::Writer;
 use crate::ratelimit::RateLimiter;
 use crate::sender::Queue;
 use crate::store::Store;
@@ -20,6 +21,8 @@ use crate::store::Store;
 pub struct App {
     pub config: Config,
     pub store: Store,
+    /// Writes the inbox and sent files (batched, durable).
+    pub files: Writer,
     pub fetcher: Fetcher,
     /// Discovery results for step 1 (never step 5).
     pub discovery: DiscoveryCache,
@@ -50,11 +53,12 @@ pub struct App {
 }
 
 impl App {
-    pub fn new(config: Config, store: Store) -> Arc<App> {
+    pub fn new(config: Config, store: Store, files: Writer) -> Arc<App> {
         let fetcher = Fetcher::new(config.network.allow_private);
         let limits = config.limits.clone();
         Arc::new(App {
             store,
+            files,
             fetcher,
             discovery: DiscoveryCache::default(),
             profiles: Default::default(),

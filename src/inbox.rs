@@ -26,7 +26,6 @@ use std::fmt::Write as _;
 use std::io::{self, Write as _};
 use std::ops::Range;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
 
 use chrono::{DateTime, FixedOffset, SecondsFormat, Utc};
 use pulldown_cmark::{Event, Options, Parser, Tag, TagEnd};
@@ -34,6 +33,8 @@ use toml_writer::{TomlStringBuilder, TomlWrite};
 
 use crate::config::{Flavor, SiteConfig};
 use crate::identity::Identity;
+
+pub mod writer;
 
 /// Which folder a message file goes to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -107,10 +108,6 @@ pub fn folder_dir(site: &SiteConfig, folder: Folder) -> PathBuf {
     }
 }
 
-/// Serialises the choice of a file name and the rename into it, so that two
-/// writers in this process never pick the same free name.
-static NAME_LOCK: Mutex<()> = Mutex::new(());
-
 /// Writes durably: temp file whose name starts with '.', write, fsync, rename,
 /// fsync dir. Returns the final path.
 ///
@@ -119,7 +116,27 @@ static NAME_LOCK: Mutex<()> = Mutex::new(());
 /// reduced to `[a-z0-9.-]`, and the first 12 characters of the ID. A file of
 /// that name holding the same message ID is replaced (a retry stores no
 /// duplicate); one holding another ID makes the prefix longer.
+///
+/// The server writes through [`writer::Writer`], which does the same for a
+/// batch of messages with shared syncs.
 pub fn write_message(site: &SiteConfig, folder: Folder, msg: &MessageFile) -> io::Result<PathBuf> {
+    write_batch(vec![render_file(site, folder, msg)])
+        .pop()
+        .unwrap_or_else(|| Err(io::Error::other("nothing written")))
+}
+
+/// A message file ready to be written: where, what, and its name's parts.
+pub struct Rendered {
+    dir: PathBuf,
+    flavor: Flavor,
+    text: String,
+    /// `DATE-HOST-`, the start of the file name.
+    stem: String,
+    id: String,
+}
+
+/// Checks the IDs and renders the whole file (no I/O).
+pub fn render_file(site: &SiteConfig, folder: Folder, msg: &MessageFile) -> io::Result<Rendered> {
     if !crate::protocol::is_valid_id(msg.id) {
         return Err(io::Error::new(
             io::ErrorKind::InvalidInput,
@@ -135,35 +152,168 @@ pub fn write_message(site: &SiteConfig, folder: Folder, msg: &MessageFile) -> io
             "in-reply-to must be a message ID",
         ));
     }
-    let dir = folder_dir(site, folder);
-    prepare_folder(&dir, site.flavor)?;
-    let text = render_message(site.flavor, msg)?;
-
-    let mut tmp = tempfile::Builder::new()
-        .prefix(".indiepm-")
-        .suffix(".tmp")
-        .tempfile_in(&dir)?;
-    tmp.write_all(text.as_bytes())?;
-    tmp.as_file().sync_all()?;
-
     let peer = match folder {
         Folder::Inbox => msg.sender,
         Folder::Sent => msg.recipient,
     };
-    let stem = format!(
-        "{}-{}-",
-        date_part(&msg.published.min(msg.received.fixed_offset())),
-        sanitize_host(peer.host())
-    );
-    let path = {
-        let _guard = NAME_LOCK.lock().unwrap_or_else(|e| e.into_inner());
-        let path = choose_name(&dir, &stem, msg.id)?;
-        // On failure the temp file is dropped, which deletes it.
-        tmp.persist(&path).map_err(|e| e.error)?;
-        path
-    };
-    sync_dir(&dir)?;
-    Ok(path)
+    Ok(Rendered {
+        dir: folder_dir(site, folder),
+        flavor: site.flavor,
+        text: render_message(site.flavor, msg)?,
+        stem: format!(
+            "{}-{}-",
+            date_part(&msg.published.min(msg.received.fixed_offset())),
+            sanitize_host(peer.host())
+        ),
+        id: msg.id.to_string(),
+    })
+}
+
+/// An error for every member of a group that one failure sank.
+type Shared = Option<(io::ErrorKind, String)>;
+
+fn shared(e: &io::Error) -> Shared {
+    Some((e.kind(), e.to_string()))
+}
+
+fn unshare(e: &Shared, what: &str, dir: &Path) -> io::Result<()> {
+    match e {
+        None => Ok(()),
+        Some((kind, why)) => Err(io::Error::new(
+            *kind,
+            format!("cannot {what} {}: {why}", dir.display()),
+        )),
+    }
+}
+
+/// Runs `f` once per distinct folder, remembering its outcome.
+fn once_per_dir(
+    done: &mut Vec<(PathBuf, Shared)>,
+    dir: &Path,
+    f: impl FnOnce() -> io::Result<()>,
+) -> Shared {
+    if let Some((_, outcome)) = done.iter().find(|(d, _)| d == dir) {
+        return outcome.clone();
+    }
+    let outcome = f().err().as_ref().and_then(shared);
+    done.push((dir.to_path_buf(), outcome.clone()));
+    outcome
+}
+
+/// Makes rendered messages durable under their names, sharing the work:
+/// each folder is prepared once, every temp file is written and synced,
+/// then renamed, then each folder is synced once. A result is `Ok` only
+/// when its file and its name are both on disk.
+///
+/// Syncing a batch costs about what syncing one file costs: the file
+/// system commits its journal once for all the files whose data is already
+/// on its way (hence the writeback started for all of them first), and
+/// once more for all the renames.
+pub fn write_batch(files: Vec<io::Result<Rendered>>) -> Vec<io::Result<PathBuf>> {
+    let mut prepared = Vec::new();
+    let staged: Vec<io::Result<(tempfile::NamedTempFile, Rendered)>> = files
+        .into_iter()
+        .map(|r| {
+            let r = r?;
+            let ready = once_per_dir(&mut prepared, &r.dir, || prepare_folder(&r.dir, r.flavor));
+            unshare(&ready, "prepare", &r.dir)?;
+            let mut tmp = tempfile::Builder::new()
+                .prefix(".indiepm-")
+                .suffix(".tmp")
+                .tempfile_in(&r.dir)?;
+            tmp.write_all(r.text.as_bytes())?;
+            Ok((tmp, r))
+        })
+        .collect();
+    for (tmp, _) in staged.iter().flatten() {
+        start_writeback(tmp.as_file());
+    }
+    // On any failure the temp file is dropped, which deletes it.
+    let placed: Vec<io::Result<(PathBuf, PathBuf)>> = staged
+        .into_iter()
+        .map(|s| {
+            let (tmp, r) = s?;
+            tmp.as_file().sync_all()?;
+            let path = place(tmp, &r.dir, &r.stem, &r.id)?;
+            Ok((r.dir, path))
+        })
+        .collect();
+    let mut synced = Vec::new();
+    placed
+        .into_iter()
+        .map(|p| {
+            let (dir, path) = p?;
+            // Named but maybe not durably if this fails: the caller answers
+            // with an error, and the retry finds the file by its ID and
+            // rewrites it.
+            unshare(
+                &once_per_dir(&mut synced, &dir, || sync_dir(&dir)),
+                "sync",
+                &dir,
+            )?;
+            Ok(path)
+        })
+        .collect()
+}
+
+/// Starts writing `file`'s data to disk without waiting, so that the
+/// fsyncs that follow find it under way.
+fn start_writeback(file: &std::fs::File) {
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::fd::AsRawFd;
+        // SAFETY: a valid open descriptor; the call reads no memory of ours.
+        // Only a hint: on error the fsync that follows does all the work.
+        unsafe {
+            libc::sync_file_range(file.as_raw_fd(), 0, 0, libc::SYNC_FILE_RANGE_WRITE);
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = file;
+}
+
+/// Renames the synced temp file to the first free name, or over the file
+/// that already holds message `id` (a retry). The no-replace rename makes
+/// taking a free name atomic: two writers never get the same one.
+fn place(
+    mut tmp: tempfile::NamedTempFile,
+    dir: &Path,
+    stem: &str,
+    id: &str,
+) -> io::Result<PathBuf> {
+    let safe_id: String = id
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric() || *c == '-' || *c == '_')
+        .collect();
+    let mut lens: Vec<usize> = [ID_PREFIX_LEN, 16, 22, 32, 64, safe_id.len()]
+        .into_iter()
+        .map(|n| n.min(safe_id.len()))
+        .collect();
+    lens.dedup();
+    let candidates = lens
+        .into_iter()
+        .map(|n| format!("{stem}{}.md", &safe_id[..n]))
+        .chain((2..1000).map(|n| format!("{stem}{safe_id}-{n}.md")));
+    for name in candidates {
+        let path = dir.join(name);
+        match tmp.persist_noclobber(&path) {
+            Ok(_) => return Ok(path),
+            Err(e) if e.error.kind() == io::ErrorKind::AlreadyExists => {
+                tmp = e.file;
+                let same = std::fs::symlink_metadata(&path)?.is_file()
+                    && read_message(&path).is_ok_and(|m| m.id == id);
+                if same {
+                    tmp.persist(&path).map_err(|e| e.error)?;
+                    return Ok(path);
+                }
+            }
+            Err(e) => return Err(e.error),
+        }
+    }
+    Err(io::Error::new(
+        io::ErrorKind::AlreadyExists,
+        format!("no free file name for message {id} in {}", dir.display()),
+    ))
 }
 
 /// `YYYY-MM-DD` in UTC, digits and dashes only, of the published time, or
@@ -206,39 +356,6 @@ pub fn sanitize_host(host: &str) -> String {
     }
 }
 
-/// The first free name, or the one that already holds message `id`.
-fn choose_name(dir: &Path, stem: &str, id: &str) -> io::Result<PathBuf> {
-    let safe_id: String = id
-        .chars()
-        .filter(|c| c.is_ascii_alphanumeric() || *c == '-' || *c == '_')
-        .collect();
-    let mut lens: Vec<usize> = [ID_PREFIX_LEN, 16, 22, 32, 64, safe_id.len()]
-        .into_iter()
-        .map(|n| n.min(safe_id.len()))
-        .collect();
-    lens.dedup();
-    let candidates = lens
-        .into_iter()
-        .map(|n| format!("{stem}{}.md", &safe_id[..n]))
-        .chain((2..1000).map(|n| format!("{stem}{safe_id}-{n}.md")));
-    for name in candidates {
-        let path = dir.join(name);
-        match std::fs::symlink_metadata(&path) {
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(path),
-            Err(e) => return Err(e),
-            Ok(meta) => {
-                if meta.is_file() && read_message(&path).is_ok_and(|m| m.id == id) {
-                    return Ok(path);
-                }
-            }
-        }
-    }
-    Err(io::Error::new(
-        io::ErrorKind::AlreadyExists,
-        format!("no free file name for message {id} in {}", dir.display()),
-    ))
-}
-
 /// Creates the folder and its privacy files if they are missing.
 fn prepare_folder(dir: &Path, flavor: Flavor) -> io::Result<()> {
     if !dir.is_dir() {
@@ -247,35 +364,38 @@ fn prepare_folder(dir: &Path, flavor: Flavor) -> io::Result<()> {
             sync_dir(parent)?;
         }
     }
-    ensure_file(
-        &dir.join(".gitignore"),
-        "# Private messages written by indiepm: never commit them.\n*\n",
-    )?;
+    ensure_file(&dir.join(".gitignore"), || {
+        Ok("# Private messages written by indiepm: never commit them.\n*\n".into())
+    })?;
     match flavor {
-        Flavor::Hugo => ensure_file(&dir.join("_index.md"), &hugo_section()?),
-        Flavor::Zola => ensure_file(&dir.join("_index.md"), &zola_section()?),
+        Flavor::Hugo => ensure_file(&dir.join("_index.md"), hugo_section),
+        Flavor::Zola => ensure_file(&dir.join("_index.md"), zola_section),
         Flavor::Eleventy => {
             let folder = dir
                 .file_name()
                 .map(|n| n.to_string_lossy().into_owned())
                 .unwrap_or_default();
-            let data = serde_json::json!({
-                "permalink": false,
-                "eleventyExcludeFromCollections": true,
-                "templateEngineOverride": "md",
-            });
-            let text = serde_json::to_string_pretty(&data).map_err(io::Error::other)? + "\n";
-            ensure_file(&dir.join(format!("{folder}.11tydata.json")), &text)
+            ensure_file(&dir.join(format!("{folder}.11tydata.json")), || {
+                let data = serde_json::json!({
+                    "permalink": false,
+                    "eleventyExcludeFromCollections": true,
+                    "templateEngineOverride": "md",
+                });
+                Ok(serde_json::to_string_pretty(&data).map_err(io::Error::other)? + "\n")
+            })
         }
         Flavor::Jekyll => Ok(()),
     }
 }
 
 /// Writes `text` to `path` durably unless something is already there.
-fn ensure_file(path: &Path, text: &str) -> io::Result<()> {
+/// The text is made only when the file is missing (it is there on every
+/// message but the first).
+fn ensure_file(path: &Path, text: impl FnOnce() -> io::Result<String>) -> io::Result<()> {
     if std::fs::symlink_metadata(path).is_ok() {
         return Ok(());
     }
+    let text = text()?;
     let dir = path.parent().unwrap_or(Path::new("."));
     let mut tmp = tempfile::Builder::new()
         .prefix(".indiepm-")
@@ -701,6 +821,11 @@ fn html_ranges(md: &str) -> Vec<Range<usize>> {
 /// written. Repeats until a parse finds no raw HTML (escaping can change
 /// what a later `<` is); after a few rounds it escapes every `<`.
 pub fn neutralize_html(markdown: &str) -> String {
+    // Raw HTML, block or inline, always starts with `<` (CommonMark 4.6,
+    // 6.6): text without one has nothing to neutralise and skips the parses.
+    if !markdown.contains('<') {
+        return markdown.to_string();
+    }
     let mut text = markdown.to_string();
     for _ in 0..8 {
         let ranges = html_ranges(&text);

@@ -364,30 +364,31 @@ pub async fn message(
         Identity::parse(&push.recipient).map_err(|e| ProtoError::invalid_request(e.to_string()))?;
     let push2 = push.clone();
     let tok2 = tok.clone();
-    let path = tokio::task::spawn_blocking(move || {
-        inbox::write_message(
-            &site,
-            Folder::Inbox,
-            &MessageFile {
-                sender: &sender,
-                recipient: &recipient,
-                id: &push2.message,
-                published: push2.published,
-                received: chrono::Utc::now(),
-                name: push2.name.as_deref(),
-                in_reply_to: push2.in_reply_to.as_deref(),
-                content: &push2.content,
-                sender_name: tok2.sender_name.as_deref(),
-                sender_photo: tok2.sender_photo.as_deref(),
-            },
-        )
-    })
-    .await
-    .map_err(|e| ProtoError::server_error(format!("inbox writer stopped: {e}")))?
-    .map_err(|e| {
-        tracing::error!(error = %e, "cannot write the inbox file");
-        ProtoError::server_error("cannot write the message to the inbox; retry later")
-    })?;
+    let path = app
+        .files
+        .write(move || {
+            inbox::render_file(
+                &site,
+                Folder::Inbox,
+                &MessageFile {
+                    sender: &sender,
+                    recipient: &recipient,
+                    id: &push2.message,
+                    published: push2.published,
+                    received: chrono::Utc::now(),
+                    name: push2.name.as_deref(),
+                    in_reply_to: push2.in_reply_to.as_deref(),
+                    content: &push2.content,
+                    sender_name: tok2.sender_name.as_deref(),
+                    sender_photo: tok2.sender_photo.as_deref(),
+                },
+            )
+        })
+        .await
+        .map_err(|e| {
+            tracing::error!(error = %e, "cannot write the inbox file");
+            ProtoError::server_error("cannot write the message to the inbox; retry later")
+        })?;
     let outcome = app
         .store
         .record_received(

@@ -143,27 +143,29 @@ pub async fn create_message_in(
         .map_err(|e| e.to_string())?;
     let copy = msg.clone();
     let (s, r) = (sender.clone(), recipient.clone());
-    let written = tokio::task::spawn_blocking(move || {
-        crate::inbox::write_message(
-            &site,
-            crate::inbox::Folder::Sent,
-            &crate::inbox::MessageFile {
-                sender: &s,
-                recipient: &r,
-                id: &copy.id,
-                published: chrono::DateTime::parse_from_rfc3339(&copy.published)
-                    .unwrap_or_else(|_| now.fixed_offset()),
-                received: now,
-                name: copy.name.as_deref(),
-                in_reply_to: copy.in_reply_to.as_deref(),
-                content: &copy.content,
-                sender_name: None,
-                sender_photo: None,
-            },
-        )
-    })
-    .await;
-    if let Ok(Err(e)) | Err(e) = written.map_err(std::io::Error::other) {
+    let written = app
+        .files
+        .write(move || {
+            crate::inbox::render_file(
+                &site,
+                crate::inbox::Folder::Sent,
+                &crate::inbox::MessageFile {
+                    sender: &s,
+                    recipient: &r,
+                    id: &copy.id,
+                    published: chrono::DateTime::parse_from_rfc3339(&copy.published)
+                        .unwrap_or_else(|_| now.fixed_offset()),
+                    received: now,
+                    name: copy.name.as_deref(),
+                    in_reply_to: copy.in_reply_to.as_deref(),
+                    content: &copy.content,
+                    sender_name: None,
+                    sender_photo: None,
+                },
+            )
+        })
+        .await;
+    if let Err(e) = written {
         // The message is stored and will be delivered; only the copy is missing.
         tracing::warn!(error = %e, "cannot write the copy to the sent folder");
     }
@@ -269,7 +271,7 @@ fn classify(
 /// One attempt at moving message `id` forward.
 async fn attempt(app: &Arc<App>, id: &str) {
     let msg = match app.store.message(id) {
-        Ok(Some(m)) if !matches!(m.state, State::Delivered | State::Failed) => m,
+        Ok(Some(m)) if m.state.is_pending() => m,
         Ok(_) => return,
         Err(e) => {
             tracing::error!(error = %e, "cannot read the queue");
@@ -567,9 +569,7 @@ fn pending(
 }
 
 fn undelivered_between(msg: &OutMessage, sender: &str, recipient: &str) -> bool {
-    msg.sender == sender
-        && msg.recipient == recipient
-        && !matches!(msg.state, State::Delivered | State::Failed)
+    msg.sender == sender && msg.recipient == recipient && msg.state.is_pending()
 }
 
 fn code_valid(app: &App, code: &str, sender: &str, recipient: &str) -> Result<bool, ProtoError> {

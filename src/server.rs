@@ -90,7 +90,9 @@ pub async fn start_on(
         sweep_temp_files(&site.inbox_dir());
         sweep_temp_files(&site.sent_dir());
     }
-    let app = App::new(config, store);
+    let files = crate::inbox::writer::Writer::start()
+        .map_err(|e| ServeError::Config(format!("cannot start the file writer: {e}")))?;
+    let app = App::new(config, store, files);
     crate::sender::resume(&app).map_err(|e| ServeError::Store("queue".into(), e))?;
     // `indiepm send` reads the address from here: `listen` may name port 0.
     let _ = std::fs::write(app.config.server.data_dir.join(ADDR_FILE), addr.to_string());

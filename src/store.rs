@@ -81,6 +81,11 @@ pub enum State {
 }
 
 impl State {
+    /// Still to deliver: in the queue's index.
+    pub fn is_pending(self) -> bool {
+        matches!(self, State::Queued | State::Notified)
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             State::Queued => "queued",
@@ -352,13 +357,19 @@ impl Store {
             else {
                 return Ok(None);
             };
+            let was_pending = msg.state.is_pending();
             change(&mut msg);
             outbox.insert(id.as_str(), to_json(&msg).as_slice())?;
-            let mut pending = txn.open_table(PENDING)?;
-            if matches!(msg.state, State::Delivered | State::Failed) {
-                pending.remove(id.as_str())?;
-            } else {
-                pending.insert(id.as_str(), 0)?;
+            // The index changes only when the state crosses the line: a
+            // page of it rewritten on every update is a page written for nothing.
+            match (was_pending, msg.state.is_pending()) {
+                (true, false) => {
+                    txn.open_table(PENDING)?.remove(id.as_str())?;
+                }
+                (false, true) => {
+                    txn.open_table(PENDING)?.insert(id.as_str(), 0)?;
+                }
+                _ => {}
             }
             Ok(Some(msg))
         })

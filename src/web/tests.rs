@@ -59,7 +59,11 @@ password = "{hash}"
     let store = Store::open(&config.server.data_dir).unwrap();
     let me = Identity::parse(me).unwrap().as_str().to_string();
     T {
-        app: App::new(config, store),
+        app: App::new(
+            config,
+            store,
+            crate::inbox::writer::Writer::start().unwrap(),
+        ),
         _dir: dir,
         me,
     }
