@@ -323,6 +323,93 @@ fn a_foreign_file_in_the_way_is_never_overwritten() {
 }
 
 #[test]
+fn a_batch_shares_its_syncs_and_one_bad_message_sinks_nothing() {
+    for flavor in ALL_FLAVORS {
+        let tmp = tempfile::tempdir().unwrap();
+        let s = site(tmp.path(), flavor, None);
+        let a = Msg::new("AbCdEfGhIjKlMnOp_AAAAAAAAAA");
+        let bad = Msg::new("not an id");
+        // Same 16-character prefix as `a`: the batch must name them apart.
+        let b = Msg::new("AbCdEfGhIjKlMnOp_BBBBBBBBBB");
+        let mut sent = Msg::new(ID);
+        sent.content = "a copy\n".into();
+        let results = inbox::write_batch(vec![
+            inbox::render_file(&s, Folder::Inbox, &a.file()),
+            inbox::render_file(&s, Folder::Inbox, &bad.file()),
+            inbox::render_file(&s, Folder::Inbox, &b.file()),
+            // A retry of `a` inside the same batch lands on its file.
+            inbox::render_file(&s, Folder::Inbox, &a.file()),
+            inbox::render_file(&s, Folder::Sent, &sent.file()),
+        ]);
+        let [ra, rbad, rb, ra2, rsent] = <[_; 5]>::try_from(results).unwrap();
+        let (pa, pb, psent) = (ra.unwrap(), rb.unwrap(), rsent.unwrap());
+        assert_eq!(
+            rbad.unwrap_err().kind(),
+            std::io::ErrorKind::InvalidInput,
+            "{flavor:?}"
+        );
+        assert_eq!(ra2.unwrap(), pa, "{flavor:?}");
+        assert_ne!(pa, pb);
+        assert_eq!(read_message(&pa).unwrap().id, a.id);
+        assert_eq!(read_message(&pb).unwrap().id, b.id);
+        assert_eq!(read_message(&psent).unwrap().body, "a copy\n");
+        assert_eq!(
+            list_messages(&s.inbox_dir()).unwrap().len(),
+            2,
+            "{flavor:?}"
+        );
+        assert_eq!(list_messages(&s.sent_dir()).unwrap(), vec![psent]);
+        // No temp file stays behind, not even the failed one's.
+        for dir in [s.inbox_dir(), s.sent_dir()] {
+            let leftovers: Vec<String> = file_names(&dir)
+                .into_iter()
+                .filter(|n| n.ends_with(".tmp"))
+                .collect();
+            assert!(leftovers.is_empty(), "{flavor:?}: {leftovers:?}");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_writer_thread_writes_concurrent_messages_and_outlives_a_panic() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = site(tmp.path(), Flavor::Hugo, None);
+    let writer = inbox::writer::Writer::start().unwrap();
+    let mut tasks = Vec::new();
+    for i in 0..60 {
+        let (writer, s) = (writer.clone(), s.clone());
+        tasks.push(tokio::spawn(async move {
+            // All share the 12-character prefix.
+            let m = Msg::new(&format!("AbCdEfGhIjKl{i:010}x"));
+            writer
+                .write(move || inbox::render_file(&s, Folder::Inbox, &m.file()))
+                .await
+        }));
+    }
+    let panicked = writer
+        .write(|| panic!("a render that panics"))
+        .await
+        .unwrap_err();
+    assert!(panicked.to_string().contains("panicked"), "{panicked}");
+    let mut paths = Vec::new();
+    for t in tasks {
+        paths.push(t.await.unwrap().unwrap());
+    }
+    paths.sort();
+    paths.dedup();
+    assert_eq!(paths.len(), 60);
+    assert_eq!(list_messages(&s.inbox_dir()).unwrap().len(), 60);
+    // The thread is still there after the panic.
+    let later = Msg::new(ID);
+    let s2 = s.clone();
+    let p = writer
+        .write(move || inbox::render_file(&s2, Folder::Inbox, &later.file()))
+        .await
+        .unwrap();
+    assert_eq!(read_message(&p).unwrap().id, ID);
+}
+
+#[test]
 fn concurrent_writers_lose_nothing() {
     let tmp = tempfile::tempdir().unwrap();
     let s = site(tmp.path(), Flavor::Hugo, None);
