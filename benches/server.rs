@@ -134,9 +134,12 @@ tokens = ["sha256:{}"]
     let child = Command::new(env!("CARGO_BIN_EXE_indiepm"))
         .args(["serve", "--config"])
         .arg(dir.join("pm.toml"))
-        .env("RUST_LOG", "warn")
+        .env(
+            "RUST_LOG",
+            std::env::var("BENCH_LOG").unwrap_or_else(|_| "warn".into()),
+        )
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(std::fs::File::create(dir.join("stderr.txt")).unwrap())
         .spawn()
         .expect("start indiepm serve");
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -167,6 +170,7 @@ struct Run {
     per_sec: f64,
     p50_ms: f64,
     p99_ms: f64,
+    max_ms: f64,
 }
 
 /// Records when each message file of Bob's inbox is renamed into place
@@ -268,6 +272,7 @@ async fn run_flow(n: usize, alice: &Server, bob_url: &str, bob: &Server) -> Run 
         per_sec: n as f64 / total.as_secs_f64(),
         p50_ms: percentile(&lat, 0.5),
         p99_ms: percentile(&lat, 0.99),
+        max_ms: percentile(&lat, 1.0),
     }
 }
 
@@ -389,17 +394,22 @@ async fn main() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(2000);
     // BENCH_DIR picks the file system (fsync and inode costs depend on it).
-    let tmp = match std::env::var_os("BENCH_DIR") {
+    // BENCH_KEEP=1 keeps the folders, with each server's log (stderr.txt).
+    let mut tmp = match std::env::var_os("BENCH_DIR") {
         Some(d) => tempfile::tempdir_in(d).unwrap(),
         None => tempfile::tempdir().unwrap(),
     };
+    if std::env::var_os("BENCH_KEEP").is_some() {
+        tmp.disable_cleanup(true);
+        println!("keeping {}", tmp.path().display());
+    }
     let stop = CancellationToken::new();
     println!(
         "indiepm server benchmark: {n} messages Alice -> Bob per flow, {CONCURRENCY} created at once"
     );
     println!(
-        "{:<14} {:>10} {:>9} {:>9} {:>12} {:>8}",
-        "flow", "msgs/s", "p50 ms", "p99 ms", "floor msg/s", "ratio"
+        "{:<14} {:>10} {:>9} {:>9} {:>9} {:>12} {:>8}",
+        "flow", "msgs/s", "p50 ms", "p99 ms", "max ms", "floor msg/s", "ratio"
     );
     let mut idle_rss = 0;
     // Round trips per message once the step-1 and step-2 discovery caches
@@ -454,11 +464,12 @@ async fn main() {
         let floor_addr = bare_server([127, 0, 0, 4], stop.clone()).await;
         let floor = median_floor(n, trips, floor_addr).await;
         println!(
-            "{:<14} {:>10.0} {:>9.1} {:>9.1} {:>12.0} {:>7.0}%",
+            "{:<14} {:>10.0} {:>9.1} {:>9.1} {:>9.1} {:>12.0} {:>7.0}%",
             format!("{flow} ({trips} trips)"),
             run.per_sec,
             run.p50_ms,
             run.p99_ms,
+            run.max_ms,
             floor,
             run.per_sec / floor * 100.0
         );

@@ -62,6 +62,9 @@ pub struct Fetched {
     pub truncated: bool,
 }
 
+/// Idle connections kept open to one host.
+pub const MAX_IDLE_PER_HOST: usize = 256;
+
 /// The safe outbound client. Cheap to clone; share one per process.
 #[derive(Clone)]
 pub struct Fetcher {
@@ -129,6 +132,12 @@ impl Fetcher {
                 policy: policy.clone(),
             })
             .pool_idle_timeout(Duration::from_secs(30))
+            // A burst opens as many connections as it needs, but only this
+            // many stay open idle afterwards: a peer server counts every
+            // open connection against its cap, and hundreds of our idle
+            // ones there would keep its other clients waiting (measured:
+            // verify requests timing out at a peer full of idle connections).
+            .pool_max_idle_per_host(MAX_IDLE_PER_HOST)
             .build()
             // Only fails when the TLS backend cannot start, which is a broken
             // build rather than a runtime condition.

@@ -5,6 +5,12 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use indiepm::cmd;
 
+/// mimalloc instead of glibc malloc: the server allocates many small,
+/// short-lived buffers on every worker thread, where glibc's arenas spent
+/// a tenth of the per-message CPU (measured with perf; see README).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Private messages for static sites (IndieWeb rel=pm).
 ///
 /// Advertise a PM endpoint on every page of your built site with `inject`,

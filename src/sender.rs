@@ -137,34 +137,37 @@ pub async fn create_message_in(
         delivered_ms: None,
         grant: None,
     };
-    app.store
-        .create_message(msg.clone())
-        .await
-        .map_err(|e| e.to_string())?;
     let copy = msg.clone();
     let (s, r) = (sender.clone(), recipient.clone());
-    let written = app
-        .files
-        .write(move || {
-            crate::inbox::render_file(
-                &site,
-                crate::inbox::Folder::Sent,
-                &crate::inbox::MessageFile {
-                    sender: &s,
-                    recipient: &r,
-                    id: &copy.id,
-                    published: chrono::DateTime::parse_from_rfc3339(&copy.published)
-                        .unwrap_or_else(|_| now.fixed_offset()),
-                    received: now,
-                    name: copy.name.as_deref(),
-                    in_reply_to: copy.in_reply_to.as_deref(),
-                    content: &copy.content,
-                    sender_name: None,
-                    sender_photo: None,
-                },
-            )
-        })
-        .await;
+    let written = app.files.write(move || {
+        crate::inbox::render_file(
+            &site,
+            crate::inbox::Folder::Sent,
+            &crate::inbox::MessageFile {
+                sender: &s,
+                recipient: &r,
+                id: &copy.id,
+                published: chrono::DateTime::parse_from_rfc3339(&copy.published)
+                    .unwrap_or_else(|_| now.fixed_offset()),
+                received: now,
+                name: copy.name.as_deref(),
+                in_reply_to: copy.in_reply_to.as_deref(),
+                content: &copy.content,
+                sender_name: None,
+                sender_photo: None,
+            },
+        )
+    });
+    // The record and the copy are synced side by side: on a disk with slow
+    // syncs, one wait instead of two before the creation is acknowledged.
+    let (stored, written) = tokio::join!(app.store.create_message(msg.clone()), written);
+    if let Err(e) = stored {
+        // Not stored, not acknowledged: no copy of it either.
+        if let Ok(path) = written {
+            let _ = std::fs::remove_file(path);
+        }
+        return Err(e.to_string());
+    }
     if let Err(e) = written {
         // The message is stored and will be delivered; only the copy is missing.
         tracing::warn!(error = %e, "cannot write the copy to the sent folder");
