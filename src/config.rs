@@ -121,7 +121,8 @@ pub struct LimitsConfig {
     pub messages_per_minute_per_sender: u32,
     /// Discovery fetches in flight at once, for all notifies together.
     pub discovery_in_flight: usize,
-    /// Open connections at once; more wait in the kernel's backlog.
+    /// Connections kept open at once. As many more are served one request
+    /// each and closed; past that they wait in the kernel's backlog.
     pub max_connections: usize,
     /// Seconds a client has to send its request headers.
     pub header_timeout_secs: u64,

@@ -6,7 +6,11 @@
 //! [`http_body_util::Limited`] (256 KiB, then `413`), request headers must
 //! arrive within `header_timeout_secs` and the body within `body_timeout_secs`
 //! (a slow client cannot pin a connection), and at most `max_connections`
-//! connections are served at once (the rest wait in the kernel's backlog).
+//! connections are kept open at once. Past that, as many again are served
+//! one request each and closed, so that idle keep-alive connections (a
+//! peer's connection pool, or a stranger holding them on purpose) never
+//! keep a new client waiting; past twice the cap, connections wait in the
+//! kernel's backlog.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -134,13 +138,17 @@ fn sweep_temp_files(dir: &std::path::Path) {
 
 async fn accept_loop(listener: TcpListener, app: Arc<App>) {
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
-    let slots = Arc::new(Semaphore::new(app.config.limits.max_connections));
+    let max = app.config.limits.max_connections;
+    let (kept, one_shot) = (Arc::new(Semaphore::new(max)), Arc::new(Semaphore::new(max)));
     let header_timeout = Duration::from_secs(app.config.limits.header_timeout_secs);
     let worker = tokio::spawn(crate::sender::run_queue(app.clone()));
     let sweeper = tokio::spawn(sweep_loop(app.clone()));
     loop {
-        let permit = tokio::select! {
-            p = slots.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
+        // A kept-alive slot if there is one, else a one-request slot.
+        let (permit, keep_alive) = tokio::select! {
+            biased;
+            p = kept.clone().acquire_owned() => match p { Ok(p) => (p, true), Err(_) => break },
+            p = one_shot.clone().acquire_owned() => match p { Ok(p) => (p, false), Err(_) => break },
             _ = app.shutdown.cancelled() => break,
         };
         let (stream, peer) = tokio::select! {
@@ -164,6 +172,7 @@ async fn accept_loop(listener: TcpListener, app: Arc<App>) {
         builder
             .timer(TokioTimer::new())
             .header_read_timeout(header_timeout)
+            .keep_alive(keep_alive)
             .max_buf_size(64 * 1024);
         let conn = builder.serve_connection(TokioIo::new(stream), service);
         let conn = graceful.watch(conn);

@@ -1370,6 +1370,88 @@ async fn a_trickling_body_cannot_hold_a_connection_slot() {
     assert_eq!(info.status, 200);
 }
 
+/// Sends one keep-alive GET of the endpoint's info document on a raw
+/// connection and reads the whole answer; the connection stays open.
+fn raw_info_request(addr: std::net::SocketAddr) -> (std::net::TcpStream, String) {
+    let mut stream = std::net::TcpStream::connect(addr).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(8)))
+        .unwrap();
+    stream
+        .write_all(b"GET /pm HTTP/1.1\r\nHost: x\r\nAccept: application/json\r\n\r\n")
+        .unwrap();
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        let text = String::from_utf8_lossy(&buf).into_owned();
+        if let Some((head, body)) = text.split_once("\r\n\r\n") {
+            let len = head
+                .lines()
+                .find_map(|l| {
+                    l.to_ascii_lowercase()
+                        .strip_prefix("content-length:")
+                        .map(|v| v.trim().to_string())
+                })
+                .and_then(|v| v.parse::<usize>().ok())
+                .unwrap_or(0);
+            if body.len() >= len {
+                return (stream, text);
+            }
+        }
+        match stream.read(&mut chunk) {
+            Ok(0) | Err(_) => return (stream, String::from_utf8_lossy(&buf).into_owned()),
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_keep_alive_connections_do_not_keep_new_clients_waiting() {
+    // Two connections kept open; the idle ones would only be closed by the
+    // 30 s header timeout.
+    let bob = Peer::start(
+        "Bob",
+        Opts::default().limits("max_connections = 2\nheader_timeout_secs = 30"),
+    );
+    let addr = bob.addr;
+    tokio::task::spawn_blocking(move || {
+        let mut idle = Vec::new();
+        for _ in 0..2 {
+            let (stream, answer) = raw_info_request(addr);
+            assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+            assert!(
+                !answer.to_ascii_lowercase().contains("connection: close"),
+                "{answer}"
+            );
+            idle.push(stream);
+        }
+        // Both slots are held by idle connections: a new client is still
+        // answered at once, on a connection that is then closed.
+        let started = Instant::now();
+        let (mut third, answer) = raw_info_request(addr);
+        let took = started.elapsed();
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        assert!(answer.contains("pm/1"), "{answer}");
+        assert!(
+            took < Duration::from_secs(3),
+            "a new client waited {took:?}"
+        );
+        assert!(
+            answer.to_ascii_lowercase().contains("connection: close"),
+            "{answer}"
+        );
+        let mut rest = Vec::new();
+        assert_eq!(
+            third.read_to_end(&mut rest).unwrap_or(0),
+            0,
+            "closed after one answer"
+        );
+        drop(idle);
+    })
+    .await
+    .unwrap();
+}
+
 // ---------------------------------------------------------------------------
 // Durability
 
