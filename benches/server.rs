@@ -8,8 +8,12 @@
 //! appearing, and the receiving server's RSS idle and with 1,000
 //! handshakes in flight.
 //!
-//! Run: `cargo bench --bench server` (N with `BENCH_N`, default 2000; one
-//! flow with `BENCH_FLOWS=message` or `channel`; the file system with `BENCH_DIR`).
+//! Run: `cargo bench --bench server`. Knobs: `BENCH_N` messages per flow
+//! (default 2000); `BENCH_FLOWS=message` or `channel` for one flow;
+//! `BENCH_DIR` for the file system (fsync costs depend on it: the README
+//! numbers are from a fresh ext4); `BENCH_LOG` for the servers' `RUST_LOG`
+//! (default `info`, as deployed); `BENCH_KEEP=1` keeps the folders and each
+//! server's log.
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -134,9 +138,10 @@ tokens = ["sha256:{}"]
     let child = Command::new(env!("CARGO_BIN_EXE_indiepm"))
         .args(["serve", "--config"])
         .arg(dir.join("pm.toml"))
+        // The servers log as deployed (info) unless BENCH_LOG says otherwise.
         .env(
             "RUST_LOG",
-            std::env::var("BENCH_LOG").unwrap_or_else(|_| "warn".into()),
+            std::env::var("BENCH_LOG").unwrap_or_else(|_| "info".into()),
         )
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(dir.join("stderr.txt")).unwrap())
@@ -462,7 +467,17 @@ async fn main() {
             cpu_secs(me),
         );
         let floor_addr = bare_server([127, 0, 0, 4], stop.clone()).await;
+        let (busy_f0, idle_f0) = machine_cpu();
+        let servers_f0 = cpu_secs(alice.child.id()) + cpu_secs(bob.child.id());
         let floor = median_floor(n, trips, floor_addr).await;
+        let servers_f1 = cpu_secs(alice.child.id()) + cpu_secs(bob.child.id());
+        let (busy_f1, idle_f1) = machine_cpu();
+        // The floor must have the machine to itself: the servers are idle by now.
+        let floor_note = format!(
+            "floor runs: servers' CPU meanwhile {:.2} s, machine idle {:.0}%",
+            servers_f1 - servers_f0,
+            (idle_f1 - idle_f0) / (busy_f1 - busy_f0 + idle_f1 - idle_f0) * 100.0
+        );
         println!(
             "{:<14} {:>10.0} {:>9.1} {:>9.1} {:>9.1} {:>12.0} {:>7.0}%",
             format!("{flow} ({trips} trips)"),
@@ -477,7 +492,7 @@ async fn main() {
         // protocol's own round trips.
         let protocol_floor = median_floor(n, trips - 1, floor_addr).await;
         println!(
-            "{:<14} without the Micropub trip: floor {:.0} msg/s, ratio {:.0}%",
+            "{:<14} without the Micropub trip: floor {:.0} msg/s, ratio {:.0}%; {floor_note}",
             "",
             protocol_floor,
             run.per_sec / protocol_floor * 100.0

@@ -19,13 +19,23 @@ pub const FINDING: u8 = 1;
 pub type CmdResult = anyhow::Result<ExitCode>;
 
 /// Logs to stderr; `RUST_LOG` overrides the default `info` level.
-pub fn init_logging() {
+///
+/// Lines are written by a thread of their own (in order, none dropped): a
+/// busy server logs several lines per message, and a write to stderr for
+/// each of them on the request's thread cost more CPU than the message
+/// itself. Keep the guard until the end: dropping it writes what is left.
+pub fn init_logging() -> tracing_appender::non_blocking::WorkerGuard {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+        .lossy(false)
+        .thread_name("indiepm-log")
+        .finish(std::io::stderr());
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+        .with_writer(writer)
         .with_target(false)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .try_init();
+    guard
 }

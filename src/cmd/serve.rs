@@ -24,7 +24,7 @@ pub struct Args {
 
 pub fn run(args: Args) -> CmdResult {
     let config = Config::load(&args.config)?;
-    super::init_logging();
+    let _log = super::init_logging();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
