@@ -29,6 +29,9 @@ pub fn init_logging() -> tracing_appender::non_blocking::WorkerGuard {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
         .lossy(false)
+        // The default holds 128,000 lines, preallocated: 4 MB of an idle
+        // server's memory. A full buffer makes callers wait, never drops.
+        .buffered_lines_limit(4096)
         .thread_name("indiepm-log")
         .finish(std::io::stderr());
     let _ = tracing_subscriber::fmt()
