@@ -95,7 +95,33 @@ pub fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// Group commit: waits for one job, then takes whatever else is already
+/// queued, up to `max`. `None` once every sender is gone.
+pub fn next_batch<T>(jobs: &std::sync::mpsc::Receiver<T>, max: usize) -> Option<Vec<T>> {
+    let first = jobs.recv().ok()?;
+    let mut batch = vec![first];
+    batch.extend(jobs.try_iter().take(max.saturating_sub(1)));
+    Some(batch)
+}
+
 /// Milliseconds since the Unix epoch.
 pub fn now_ms() -> i64 {
     chrono::Utc::now().timestamp_millis()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_batch_takes_what_is_queued_up_to_the_bound() {
+        let (tx, rx) = std::sync::mpsc::channel();
+        for i in 0..5 {
+            tx.send(i).unwrap();
+        }
+        assert_eq!(next_batch(&rx, 3), Some(vec![0, 1, 2]));
+        assert_eq!(next_batch(&rx, 3), Some(vec![3, 4]));
+        drop(tx);
+        assert_eq!(next_batch(&rx, 3), None);
+    }
 }

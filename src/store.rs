@@ -688,14 +688,7 @@ impl Store {
 }
 
 fn write_loop(db: &Database, jobs: mpsc::Receiver<Job>) {
-    while let Ok(first) = jobs.recv() {
-        let mut batch = vec![first];
-        while batch.len() < MAX_BATCH {
-            match jobs.try_recv() {
-                Ok(job) => batch.push(job),
-                Err(_) => break,
-            }
-        }
+    while let Some(batch) = crate::app::next_batch(&jobs, MAX_BATCH) {
         run_batch(db, batch);
     }
 }

@@ -55,14 +55,7 @@ impl Writer {
 }
 
 fn write_loop(jobs: mpsc::Receiver<Job>) {
-    while let Ok(first) = jobs.recv() {
-        let mut batch = vec![first];
-        while batch.len() < MAX_BATCH {
-            match jobs.try_recv() {
-                Ok(job) => batch.push(job),
-                Err(_) => break,
-            }
-        }
+    while let Some(batch) = crate::app::next_batch(&jobs, MAX_BATCH) {
         let (stages, replies): (Vec<Stage>, Vec<_>) = batch.into_iter().unzip();
         // Rendering parses a stranger's markdown: should it ever panic, that
         // message fails and the thread lives on.
