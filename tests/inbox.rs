@@ -370,6 +370,38 @@ fn a_batch_shares_its_syncs_and_one_bad_message_sinks_nothing() {
     }
 }
 
+#[test]
+fn a_large_batch_keeps_every_result_beside_its_message() {
+    // Each result must belong to its message, failures included.
+    let tmp = tempfile::tempdir().unwrap();
+    let s = site(tmp.path(), Flavor::Hugo, None);
+    let msgs: Vec<Msg> = (0..30)
+        .map(|i| {
+            if i == 13 {
+                Msg::new("bad id")
+            } else {
+                Msg::new(&format!("AbCdEfGhIjKl{i:010}x"))
+            }
+        })
+        .collect();
+    let results = inbox::write_batch(
+        msgs.iter()
+            .map(|m| inbox::render_file(&s, Folder::Inbox, &m.file()))
+            .collect(),
+    );
+    assert_eq!(results.len(), 30);
+    for (i, (m, r)) in msgs.iter().zip(results).enumerate() {
+        match r {
+            Ok(path) => {
+                assert_ne!(i, 13);
+                assert_eq!(read_message(&path).unwrap().id, m.id);
+            }
+            Err(e) => assert_eq!((i, e.kind()), (13, std::io::ErrorKind::InvalidInput)),
+        }
+    }
+    assert_eq!(list_messages(&s.inbox_dir()).unwrap().len(), 29);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_writer_thread_writes_concurrent_messages_and_outlives_a_panic() {
     let tmp = tempfile::tempdir().unwrap();
