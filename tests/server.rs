@@ -1762,6 +1762,45 @@ async fn send_command_delivers_and_fails_clearly() {
 }
 
 #[test]
+fn send_takes_ids_and_text_that_start_with_a_hyphen() {
+    // A message ID is base64url and may start with "-" (one in 64 does);
+    // so may a message that is a list. Neither is an option. With the
+    // server stopped, `send` gets as far as looking for it.
+    let alice = Peer::offline("Alice", Opts::default());
+    let to = "https://bob.example/";
+    for args in [
+        vec![
+            "--to",
+            to,
+            "--reply-to",
+            "-QAbCdEfGhIjKlMnOpQrStUv",
+            "hello",
+        ],
+        vec!["--to", to, "- a list item"],
+        // The case that failed once in CI: the reply's text from stdin.
+        vec!["--to", to, "--reply-to", "-QAbCdEfGhIjKlMnOpQrStUv", "-"],
+    ] {
+        let mut child = alice
+            .command("send")
+            .args(&args)
+            .stdin(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(b"from stdin")
+            .unwrap();
+        let out = child.wait_with_output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert!(err.contains("not answering"), "{args:?}: {err}");
+    }
+}
+
+#[test]
 fn sigterm_as_soon_as_it_listens_drains_and_exits_zero() {
     // A supervisor may send SIGTERM the moment it sees `listening on`; the
     // server must already be catching it (exit 0 after the drain, not death

@@ -32,13 +32,15 @@ pub struct Args {
     /// A subject line.
     #[arg(long)]
     pub subject: Option<String>,
-    /// The ID of the message this one answers.
-    #[arg(long)]
+    /// The ID of the message this one answers (IDs may start with "-").
+    #[arg(long, allow_hyphen_values = true)]
     pub reply_to: Option<String>,
     /// A file holding the bearer token (instead of INDIEPM_TOKEN).
     #[arg(long)]
     pub token_file: Option<PathBuf>,
     /// The message text (CommonMark), or "-" to read it from standard input.
+    /// Text may start with "-" (a list, say): options go before it.
+    #[arg(allow_hyphen_values = true)]
     pub text: String,
 }
 
