@@ -99,9 +99,14 @@ pub fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 /// queued, up to `max`. `None` once every sender is gone.
 pub fn next_batch<T>(jobs: &std::sync::mpsc::Receiver<T>, max: usize) -> Option<Vec<T>> {
     let first = jobs.recv().ok()?;
+    Some(fill_batch(first, jobs, max))
+}
+
+/// `first` and whatever else is queued, up to `max` in all, without waiting.
+pub fn fill_batch<T>(first: T, jobs: &std::sync::mpsc::Receiver<T>, max: usize) -> Vec<T> {
     let mut batch = vec![first];
     batch.extend(jobs.try_iter().take(max.saturating_sub(1)));
-    Some(batch)
+    batch
 }
 
 /// Milliseconds since the Unix epoch.

@@ -21,7 +21,7 @@ use crate::identity::Identity;
 use crate::inbox::{self, Folder, MessageFile};
 use crate::protocol::{self, ProtoError, Push, Subject, hash_secret, hashes_equal};
 use crate::server::{Body, json};
-use crate::store::{IssuedToken, Received, RecordOutcome};
+use crate::store::{Commit, IssuedToken, Received, RecordOutcome};
 
 fn accepted() -> Response<Body> {
     json(StatusCode::ACCEPTED, &json!({"status": "accepted"}))
@@ -223,6 +223,9 @@ async fn handshake(
                 sender_name: profile.name,
                 sender_photo: profile.photo,
             },
+            // Lazy: a token lost in a crash is refused (401) and the sender
+            // shakes hands again; nothing was received under it yet.
+            Commit::Lazy,
         )
         .await
         .map_err(|e| format!("step 4: cannot store the token: {e}"))?;
@@ -266,7 +269,7 @@ async fn revoke(app: &App, hash: String, subject: &Subject) {
     tok.expires_ms = tok.expires_ms.min(now_ms());
     if let Err(e) = app
         .store
-        .issue_token(hash, subject.as_str().to_string(), tok)
+        .issue_token(hash, subject.as_str().to_string(), tok, Commit::Durable)
         .await
     {
         tracing::warn!(error = %e, "cannot revoke the token of a failed handshake");

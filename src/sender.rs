@@ -32,7 +32,7 @@ use crate::fetch::FetchError;
 use crate::identity::{Identity, same_endpoint};
 use crate::protocol::{self, ProtoError, Subject, hash_secret};
 use crate::server::{Body, json};
-use crate::store::{Channel, Code, Grant, OutMessage, State, StoreError};
+use crate::store::{Channel, Code, Commit, Grant, OutMessage, State, StoreError};
 
 /// Pushes and notifies in flight at once.
 const CONCURRENCY: usize = 64;
@@ -303,7 +303,7 @@ async fn attempt(app: &Arc<App>, id: &str) {
                     let refused = g.token.clone();
                     let _ = app
                         .store
-                        .update_message(&msg.id, move |m| {
+                        .update_message(&msg.id, Commit::Lazy, move |m| {
                             if m.grant.as_ref().is_some_and(|g| g.token == refused) {
                                 m.grant = None;
                             }
@@ -341,9 +341,10 @@ async fn attempt(app: &Arc<App>, id: &str) {
             let delay = backoff(app, msg.attempts + 1, retry_after);
             tracing::info!(id = %msg.id, attempt = msg.attempts + 1, retry_in_s = delay / 1000, "delivery attempt failed: {why}");
             let next = now_ms().saturating_add(delay);
+            // Lazy: lost in a crash, the attempt is only made sooner.
             let _ = app
                 .store
-                .update_message(&msg.id, move |m| {
+                .update_message(&msg.id, Commit::Lazy, move |m| {
                     m.attempts += 1;
                     m.last_error = Some(why);
                     m.next_attempt_ms = next;
@@ -368,10 +369,14 @@ fn backoff(app: &App, attempt: u32, retry_after: Option<u64>) -> i64 {
     (secs * 1000.0) as i64
 }
 
+/// Records that a message is done with. Lazily: if a crash loses the mark,
+/// the message is pushed once more after the restart and the receiver
+/// answers `200` to its token (PROTOCOL.md step 6), storing nothing new; a
+/// failure is judged again the same way.
 async fn finish(app: &Arc<App>, msg: &OutMessage, state: State, error: Option<String>) {
     let r = app
         .store
-        .update_message(&msg.id, move |m| {
+        .update_message(&msg.id, Commit::Lazy, move |m| {
             m.state = state;
             if error.is_some() {
                 m.last_error = error;
@@ -428,9 +433,11 @@ async fn notify(app: &Arc<App>, msg: &OutMessage, subject: Subject) -> Outcome {
         Outcome::Done => {
             tracing::info!(step = 2, id = %msg.id, recipient = %msg.recipient, kind = %subject.param(), "notify sent and accepted");
             let renotify = now_ms() + (app.config.delivery.renotify_after_secs * 1000.0) as i64;
+            // Lazy: lost in a crash, the message is notified again after the
+            // restart, which the receiver takes as a repeat (step 2).
             let _ = app
                 .store
-                .update_message(&msg.id, move |m| {
+                .update_message(&msg.id, Commit::Lazy, move |m| {
                     if m.state == State::Queued {
                         m.state = State::Notified;
                     }
@@ -642,7 +649,7 @@ pub async fn deliver(
                 expires_ms: now_ms() + protocol::HANDSHAKE_SECS * 1000,
             };
             app.store
-                .update_message(&m, move |msg| msg.grant = Some(grant))
+                .update_message(&m, Commit::Durable, move |msg| msg.grant = Some(grant))
                 .await
                 .map_err(ProtoError::storage)?;
             tracing::info!(step = 5, %recipient, id = %m, "endpoint confirmed; pushing");

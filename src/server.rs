@@ -196,6 +196,10 @@ async fn accept_loop(listener: TcpListener, app: Arc<App>) {
     }
     worker.abort();
     sweeper.abort();
+    // Lazy bookkeeping (store.rs) goes to disk before the process ends.
+    if let Err(e) = app.store.sync().await {
+        tracing::error!(error = %e, "cannot sync the database at shutdown");
+    }
     tracing::info!("stopped");
 }
 

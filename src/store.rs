@@ -10,9 +10,18 @@
 //! only when storage fails (a record that does not decode is logged and
 //! treated as absent, never an error), so a failed batch is a storage
 //! failure and every caller in it gets the error.
+//!
+//! A few records are bookkeeping that the protocol redoes safely if a crash
+//! loses it (a state that only says "notified", a delivery mark whose loss
+//! means one more push answered `200`, a token whose loss means one more
+//! handshake). Those are written [`Commit::Lazy`]: visible at once, and on
+//! disk with the next durable commit or within [`LAZY_WINDOW`]. Their
+//! callers wait for the commit, not for the disk, and pay no fsync of
+//! their own.
 
 use std::path::Path;
 use std::sync::{Arc, mpsc};
+use std::time::{Duration, Instant};
 
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction};
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
@@ -196,7 +205,24 @@ pub enum RecordOutcome {
     AlreadyReceived,
 }
 
-type Job = Box<dyn FnOnce(&WriteTransaction) -> Result<Reply> + Send>;
+/// When a write must be on disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Commit {
+    /// Before the call returns: whatever an answer or a promise rests on.
+    Durable,
+    /// Visible to reads at once, on disk with the next durable commit or
+    /// within [`LAZY_WINDOW`]. Only for records whose loss in a crash makes
+    /// the protocol redo a step without losing or duplicating a message.
+    Lazy,
+}
+
+/// The longest a lazy commit stays in memory only.
+pub const LAZY_WINDOW: Duration = Duration::from_millis(500);
+
+struct Job {
+    commit: Commit,
+    run: Box<dyn FnOnce(&WriteTransaction) -> Result<Reply> + Send>,
+}
 type Reply = Box<dyn FnOnce(Result<()>) + Send>;
 
 /// The database handle. Clone freely.
@@ -238,6 +264,12 @@ fn from_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T> {
 impl Store {
     /// Opens (or creates) `dir/indiepm.redb` and starts the writer thread.
     pub fn open(dir: &Path) -> Result<Store> {
+        Store::open_with_lazy_window(dir, LAZY_WINDOW)
+    }
+
+    /// [`Store::open`] with another bound on how long a lazy commit may stay
+    /// in memory only (tests).
+    pub fn open_with_lazy_window(dir: &Path, lazy_window: Duration) -> Result<Store> {
         std::fs::create_dir_all(dir)
             .map_err(|e| StoreError::Db(format!("cannot create {}: {e}", dir.display())))?;
         let db = Database::create(dir.join("indiepm.redb"))?;
@@ -258,7 +290,7 @@ impl Store {
         let thread_db = db.clone();
         std::thread::Builder::new()
             .name("indiepm-store".into())
-            .spawn(move || write_loop(&thread_db, jobs))
+            .spawn(move || write_loop(&thread_db, jobs, lazy_window))
             .map_err(|e| StoreError::Db(format!("cannot start the writer thread: {e}")))?;
         Ok(Store { db, writer })
     }
@@ -270,15 +302,32 @@ impl Store {
         T: Send + 'static,
         F: FnOnce(&WriteTransaction) -> Result<T> + Send + 'static,
     {
+        self.write_with(Commit::Durable, f).await
+    }
+
+    /// [`Store::write`], durable now or lazily.
+    pub async fn write_with<T, F>(&self, commit: Commit, f: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&WriteTransaction) -> Result<T> + Send + 'static,
+    {
         let (tx, rx) = oneshot::channel();
-        let job: Job = Box::new(move |txn| {
-            let value = f(txn)?;
-            Ok(Box::new(move |committed: Result<()>| {
-                let _ = tx.send(committed.map(|()| value));
-            }) as Reply)
-        });
+        let job = Job {
+            commit,
+            run: Box::new(move |txn| {
+                let value = f(txn)?;
+                Ok(Box::new(move |committed: Result<()>| {
+                    let _ = tx.send(committed.map(|()| value));
+                }) as Reply)
+            }),
+        };
         self.writer.send(job).map_err(|_| StoreError::Closed)?;
         rx.await.map_err(|_| StoreError::Closed)?
+    }
+
+    /// Makes every lazy commit so far durable (at shutdown).
+    pub async fn sync(&self) -> Result<()> {
+        self.write(|_| Ok(())).await
     }
 
     fn read_json<T: DeserializeOwned>(
@@ -344,12 +393,17 @@ impl Store {
 
     /// Applies `change` to a stored message and keeps the queue index in step.
     /// Returns the message after the change, or `None` if it does not exist.
-    pub async fn update_message<F>(&self, id: &str, change: F) -> Result<Option<OutMessage>>
+    pub async fn update_message<F>(
+        &self,
+        id: &str,
+        commit: Commit,
+        change: F,
+    ) -> Result<Option<OutMessage>>
     where
         F: FnOnce(&mut OutMessage) + Send + 'static,
     {
         let id = id.to_string();
-        self.write(move |txn| {
+        self.write_with(commit, move |txn| {
             let mut outbox = txn.open_table(OUTBOX)?;
             let Some(mut msg) = outbox
                 .get(id.as_str())?
@@ -471,8 +525,9 @@ impl Store {
         hash: String,
         subject: String,
         token: IssuedToken,
+        commit: Commit,
     ) -> Result<()> {
-        self.write(move |txn| {
+        self.write_with(commit, move |txn| {
             txn.open_table(TOKENS)?
                 .insert(hash.as_str(), to_json(&token).as_slice())?;
             txn.open_table(HANDSHAKES)?
@@ -687,25 +742,73 @@ impl Store {
     }
 }
 
-fn write_loop(db: &Database, jobs: mpsc::Receiver<Job>) {
-    while let Some(batch) = crate::app::next_batch(&jobs, MAX_BATCH) {
-        run_batch(db, batch);
+fn write_loop(db: &Database, jobs: mpsc::Receiver<Job>, window: Duration) {
+    // Since when a lazy commit has been in memory only.
+    let mut unsynced: Option<Instant> = None;
+    loop {
+        let first = match unsynced {
+            None => match jobs.recv() {
+                Ok(job) => job,
+                Err(_) => return,
+            },
+            Some(since) => {
+                let left = window.saturating_sub(since.elapsed());
+                match jobs.recv_timeout(left) {
+                    Ok(job) => job,
+                    Err(mpsc::RecvTimeoutError::Timeout) => {
+                        if run_batch(db, Vec::new(), Commit::Durable) {
+                            unsynced = None;
+                        }
+                        continue;
+                    }
+                    Err(mpsc::RecvTimeoutError::Disconnected) => {
+                        run_batch(db, Vec::new(), Commit::Durable);
+                        return;
+                    }
+                }
+            }
+        };
+        let batch = crate::app::fill_batch(first, &jobs, MAX_BATCH);
+        // One durable job makes the whole batch durable; so does a lazy
+        // commit that has waited its window out.
+        let commit = if batch.iter().any(|j| j.commit == Commit::Durable)
+            || unsynced.is_some_and(|t| t.elapsed() >= window)
+        {
+            Commit::Durable
+        } else {
+            Commit::Lazy
+        };
+        let committed = run_batch(db, batch, commit);
+        match (commit, committed) {
+            (Commit::Durable, true) => unsynced = None,
+            (Commit::Lazy, true) => {
+                unsynced.get_or_insert_with(Instant::now);
+            }
+            (_, false) => {}
+        }
     }
 }
 
-fn run_batch(db: &Database, batch: Vec<Job>) {
-    let txn = match db.begin_write() {
+/// Runs a batch in one transaction; `true` if it committed.
+fn run_batch(db: &Database, batch: Vec<Job>, commit: Commit) -> bool {
+    let mut txn = match db.begin_write() {
         Ok(t) => t,
         Err(e) => {
             // The jobs are dropped unrun: their callers see `Closed`-like errors.
             tracing::error!(error = %e, "cannot begin a write transaction");
-            return;
+            return false;
         }
     };
+    if commit == Commit::Lazy
+        && let Err(e) = txn.set_durability(redb::Durability::None)
+    {
+        // Durable instead: slower, never wrong.
+        tracing::warn!(error = %e, "cannot make a lazy commit; committing durably");
+    }
     let mut replies = Vec::with_capacity(batch.len());
     let mut failure = None;
     for job in batch {
-        match job(&txn) {
+        match (job.run)(&txn) {
             Ok(reply) => replies.push(reply),
             Err(e) => {
                 failure = Some(e);
@@ -723,12 +826,14 @@ fn run_batch(db: &Database, batch: Vec<Job>) {
     if let Err(e) = &outcome {
         tracing::error!(error = %e, "write transaction failed; nothing in it was stored");
     }
+    let committed = outcome.is_ok();
     for reply in replies {
         reply(match &outcome {
             Ok(()) => Ok(()),
             Err(e) => Err(StoreError::Db(e.to_string())),
         });
     }
+    committed
 }
 
 #[cfg(test)]
@@ -756,6 +861,62 @@ mod tests {
         }
     }
 
+    /// The state a crash would leave right now: a copy of the database
+    /// file as written so far, opened (and repaired) as after a restart.
+    fn after_crash(dir: &Path, id: &str) -> Option<State> {
+        let copy = tempfile::tempdir().unwrap();
+        std::fs::copy(dir.join("indiepm.redb"), copy.path().join("indiepm.redb")).unwrap();
+        let store = Store::open(copy.path()).unwrap();
+        store.message(id).unwrap().map(|m| m.state)
+    }
+
+    #[tokio::test]
+    async fn a_lazy_write_is_seen_at_once_and_made_durable_by_the_next_durable_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open_with_lazy_window(dir.path(), Duration::from_secs(600)).unwrap();
+        store.create_message(msg("m1")).await.unwrap();
+        store
+            .update_message("m1", Commit::Lazy, |m| m.state = State::Notified)
+            .await
+            .unwrap();
+        assert_eq!(store.message("m1").unwrap().unwrap().state, State::Notified);
+        assert_eq!(
+            after_crash(dir.path(), "m1"),
+            Some(State::Queued),
+            "a lazy commit is in memory only"
+        );
+        store.create_message(msg("m2")).await.unwrap();
+        assert_eq!(after_crash(dir.path(), "m1"), Some(State::Notified));
+        store
+            .update_message("m2", Commit::Lazy, |m| m.state = State::Delivered)
+            .await
+            .unwrap();
+        store.sync().await.unwrap();
+        assert_eq!(after_crash(dir.path(), "m2"), Some(State::Delivered));
+    }
+
+    #[tokio::test]
+    async fn a_lazy_write_reaches_the_disk_within_its_window_by_itself() {
+        let dir = tempfile::tempdir().unwrap();
+        let window = Duration::from_millis(200);
+        let store = Store::open_with_lazy_window(dir.path(), window).unwrap();
+        store.create_message(msg("m1")).await.unwrap();
+        let written = std::time::Instant::now();
+        store
+            .update_message("m1", Commit::Lazy, |m| m.state = State::Delivered)
+            .await
+            .unwrap();
+        // Nothing else is written: the writer syncs on its own.
+        while after_crash(dir.path(), "m1") != Some(State::Delivered) {
+            assert!(
+                written.elapsed() < Duration::from_secs(10),
+                "the lazy write never reached the disk"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert!(written.elapsed() >= window, "synced before its window");
+    }
+
     #[tokio::test]
     async fn queue_survives_reopen_and_tracks_pending() {
         let dir = tempfile::tempdir().unwrap();
@@ -772,7 +933,7 @@ mod tests {
                 w.await.unwrap().unwrap();
             }
             store
-                .update_message("m007", |m| m.state = State::Delivered)
+                .update_message("m007", Commit::Durable, |m| m.state = State::Delivered)
                 .await
                 .unwrap()
                 .unwrap();
@@ -816,11 +977,21 @@ mod tests {
         };
         let now = 100 * 86_400_000;
         store
-            .issue_token("old".into(), "M1".into(), tok(now - TOKEN_RETENTION_MS - 1))
+            .issue_token(
+                "old".into(),
+                "M1".into(),
+                tok(now - TOKEN_RETENTION_MS - 1),
+                Commit::Durable,
+            )
             .await
             .unwrap();
         store
-            .issue_token("recent".into(), "M2".into(), tok(now - 1000))
+            .issue_token(
+                "recent".into(),
+                "M2".into(),
+                tok(now - 1000),
+                Commit::Durable,
+            )
             .await
             .unwrap();
         let code = |issued_ms| Code {
@@ -877,7 +1048,7 @@ mod tests {
             sender_photo: None,
         };
         store
-            .issue_token("h1".into(), "M".into(), tok)
+            .issue_token("h1".into(), "M".into(), tok, Commit::Durable)
             .await
             .unwrap();
         assert!(

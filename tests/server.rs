@@ -728,7 +728,12 @@ async fn expired_tokens_are_refused_and_the_sender_shakes_hands_again() {
         assert!(issued.expires_ms > past);
         issued.expires_ms = past;
         bob_db
-            .issue_token(hash, subject.into(), issued)
+            .issue_token(
+                hash,
+                subject.into(),
+                issued,
+                indiepm::store::Commit::Durable,
+            )
             .await
             .unwrap();
     }

@@ -588,6 +588,7 @@ async fn blocking_a_sender_stops_their_messages() {
                 sender_name: None,
                 sender_photo: None,
             },
+            crate::store::Commit::Durable,
         )
         .await
         .unwrap();
