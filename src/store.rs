@@ -219,9 +219,12 @@ pub enum Commit {
 /// The longest a lazy commit stays in memory only.
 pub const LAZY_WINDOW: Duration = Duration::from_millis(500);
 
+/// A write: runs in the batch's transaction, answers once it is committed.
+type Run = Box<dyn FnOnce(&WriteTransaction) -> Result<Reply> + Send>;
+
 struct Job {
     commit: Commit,
-    run: Box<dyn FnOnce(&WriteTransaction) -> Result<Reply> + Send>,
+    run: Run,
 }
 type Reply = Box<dyn FnOnce(Result<()>) + Send>;
 
