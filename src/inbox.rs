@@ -34,7 +34,10 @@ use toml_writer::{TomlStringBuilder, TomlWrite};
 use crate::config::{Flavor, SiteConfig};
 use crate::identity::Identity;
 
+mod durable;
 pub mod writer;
+
+use durable::{start_writeback, sync_dir};
 
 /// Which folder a message file goes to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -201,16 +204,10 @@ fn once_per_dir(
 }
 
 /// Makes rendered messages durable under their names, sharing the work:
-/// each folder is prepared once, every temp file is written and synced,
-/// then renamed, then each folder is synced once. A result is `Ok` only
-/// when its file and its name are both on disk.
-///
-/// The writeback of every file is started before the first fsync, so that
-/// one journal commit covers all their blocks; each later fsync then only
-/// waits for its own data (and, on a disk with a volatile cache, a flush).
-/// The renames share one more commit, the folder's fsync. (Syncing from
-/// several threads at once was tried: no faster on the VM disk, and more
-/// CPU.)
+/// each folder is prepared once, every temp file is written and synced
+/// (together: [`durable::sync_files`]), then renamed, then each folder is
+/// synced once. A result is `Ok` only when its file and its name are both
+/// on disk.
 pub fn write_batch(files: Vec<io::Result<Rendered>>) -> Vec<io::Result<PathBuf>> {
     let mut prepared = Vec::new();
     let staged: Vec<io::Result<(tempfile::NamedTempFile, Rendered)>> = files
@@ -227,15 +224,23 @@ pub fn write_batch(files: Vec<io::Result<Rendered>>) -> Vec<io::Result<PathBuf>>
             Ok((tmp, r))
         })
         .collect();
-    for (tmp, _) in staged.iter().flatten() {
-        start_writeback(tmp.as_file());
+    let written: Vec<(&std::fs::File, &Path)> = staged
+        .iter()
+        .flatten()
+        .map(|(tmp, r)| (tmp.as_file(), r.dir.as_path()))
+        .collect();
+    for (file, _) in &written {
+        start_writeback(file);
     }
+    let mut synced_files = durable::sync_files(&written).into_iter();
     // On any failure the temp file is dropped, which deletes it.
     let placed: Vec<io::Result<(PathBuf, PathBuf)>> = staged
         .into_iter()
         .map(|s| {
             let (tmp, r) = s?;
-            tmp.as_file().sync_all()?;
+            synced_files
+                .next()
+                .unwrap_or_else(|| Err(io::Error::other("file not synced")))?;
             let path = place(tmp, &r.dir, &r.stem, &r.id)?;
             Ok((r.dir, path))
         })
@@ -256,22 +261,6 @@ pub fn write_batch(files: Vec<io::Result<Rendered>>) -> Vec<io::Result<PathBuf>>
             Ok(path)
         })
         .collect()
-}
-
-/// Starts writing `file`'s data to disk without waiting, so that the
-/// fsyncs that follow find it under way.
-fn start_writeback(file: &std::fs::File) {
-    #[cfg(target_os = "linux")]
-    {
-        use std::os::fd::AsRawFd;
-        // SAFETY: a valid open descriptor; the call reads no memory of ours.
-        // Only a hint: on error the fsync that follows does all the work.
-        unsafe {
-            libc::sync_file_range(file.as_raw_fd(), 0, 0, libc::SYNC_FILE_RANGE_WRITE);
-        }
-    }
-    #[cfg(not(target_os = "linux"))]
-    let _ = file;
 }
 
 /// Renames the synced temp file to the first free name, or over the file
@@ -411,10 +400,6 @@ fn ensure_file(path: &Path, text: impl FnOnce() -> io::Result<String>) -> io::Re
         Err(e) => return Err(e.error),
     }
     sync_dir(dir)
-}
-
-fn sync_dir(dir: &Path) -> io::Result<()> {
-    std::fs::File::open(dir)?.sync_all()
 }
 
 // ---------------------------------------------------------------------------
