@@ -200,7 +200,8 @@ fn watch_inbox(dir: &Path, n: usize) -> std::thread::JoinHandle<HashMap<String, 
                 let Some(name) = e.name.and_then(|n| n.to_str()) else {
                     continue;
                 };
-                // DATE-HOST-IDPREFIX12.md: the key is the 12 characters before ".md".
+                // DATE-HOST-IDPART.md: the key is the 12 characters before ".md", the
+                // ID's last 12.
                 if name.starts_with('.') || name.starts_with('_') {
                     continue;
                 }
@@ -246,7 +247,7 @@ async fn run_flow(n: usize, alice: &Server, bob_url: &str, bob: &Server) -> Run 
             created
                 .lock()
                 .unwrap()
-                .insert(id[..12].to_string(), Instant::now());
+                .insert(id[id.len() - 12..].to_string(), Instant::now());
             drop(permit);
         }));
     }

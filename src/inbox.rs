@@ -100,8 +100,11 @@ pub mod keys {
     pub const SENDER_PHOTO: &str = "sender_photo";
 }
 
-/// Length of the ID prefix in a file name, before any collision.
-pub const ID_PREFIX_LEN: usize = 12;
+/// How many of the ID's last characters name a file, before any collision.
+/// The last ones: IDs may start with their time (ours do, see
+/// [`crate::protocol::new_message_id`]), so their first characters are shared
+/// by every message of the same moment; the end is the random part.
+pub const ID_PART_LEN: usize = 12;
 
 /// The folder of `folder` for `site`.
 pub fn folder_dir(site: &SiteConfig, folder: Folder) -> PathBuf {
@@ -114,11 +117,11 @@ pub fn folder_dir(site: &SiteConfig, folder: Folder) -> PathBuf {
 /// Writes durably: temp file whose name starts with '.', write, fsync, rename,
 /// fsync dir. Returns the final path.
 ///
-/// The name is `YYYY-MM-DD-HOST-IDPREFIX.md` from the published date (UTC), the
+/// The name is `YYYY-MM-DD-HOST-IDPART.md` from the published date (UTC), the
 /// peer's host (the sender's in the inbox, the recipient's in the sent folder)
-/// reduced to `[a-z0-9.-]`, and the first 12 characters of the ID. A file of
+/// reduced to `[a-z0-9.-]`, and the last 12 characters of the ID. A file of
 /// that name holding the same message ID is replaced (a retry stores no
-/// duplicate); one holding another ID makes the prefix longer.
+/// duplicate); one holding another ID takes more of the ID.
 ///
 /// The server writes through [`writer::Writer`], which does the same for a
 /// batch of messages with shared syncs.
@@ -276,14 +279,14 @@ fn place(
         .chars()
         .filter(|c| c.is_ascii_alphanumeric() || *c == '-' || *c == '_')
         .collect();
-    let mut lens: Vec<usize> = [ID_PREFIX_LEN, 16, 22, 32, 64, safe_id.len()]
+    let mut lens: Vec<usize> = [ID_PART_LEN, 16, 22, 32, 64, safe_id.len()]
         .into_iter()
         .map(|n| n.min(safe_id.len()))
         .collect();
     lens.dedup();
     let candidates = lens
         .into_iter()
-        .map(|n| format!("{stem}{}.md", &safe_id[..n]))
+        .map(|n| format!("{stem}{}.md", &safe_id[safe_id.len() - n..]))
         .chain((2..1000).map(|n| format!("{stem}{safe_id}-{n}.md")));
     for name in candidates {
         let path = dir.join(name);

@@ -117,7 +117,7 @@ pub async fn create_message_in(
         .clone();
     let now = chrono::Utc::now();
     let msg = OutMessage {
-        id: protocol::new_secret(),
+        id: protocol::new_message_id(),
         sender: sender.as_str().into(),
         recipient: recipient.as_str().into(),
         content,

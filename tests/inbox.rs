@@ -106,7 +106,7 @@ const ALL_FLAVORS: [Flavor; 4] = [Flavor::Hugo, Flavor::Zola, Flavor::Jekyll, Fl
 // Files, names, durability
 
 #[test]
-fn file_name_is_date_host_and_id_prefix() {
+fn file_name_is_date_host_and_the_end_of_the_id() {
     let tmp = tempfile::tempdir().unwrap();
     let s = site(tmp.path(), Flavor::Hugo, None);
     let m = Msg::new(ID);
@@ -116,7 +116,7 @@ fn file_name_is_date_host_and_id_prefix() {
         path,
         tmp.path()
             .join("inbox")
-            .join("2024-03-06-alice.example.org-AbCdEfGhIjKl.md")
+            .join("2024-03-06-alice.example.org-QrStUv_-0123.md")
     );
     // The sent copy is named after the peer, the recipient.
     let sent = write_message(&s, Folder::Sent, &m.file()).unwrap();
@@ -124,7 +124,7 @@ fn file_name_is_date_host_and_id_prefix() {
         sent,
         tmp.path()
             .join("sent")
-            .join("2024-03-06-bob.example.com-AbCdEfGhIjKl.md")
+            .join("2024-03-06-bob.example.com-QrStUv_-0123.md")
     );
 }
 
@@ -138,7 +138,7 @@ fn a_future_published_date_does_not_name_the_file() {
     let path = write_message(&s, Folder::Inbox, &m.file()).unwrap();
     assert_eq!(
         path.file_name().unwrap().to_string_lossy(),
-        "2024-03-06-alice.example.org-AbCdEfGhIjKl.md",
+        "2024-03-06-alice.example.org-QrStUv_-0123.md",
         "named from the received date"
     );
 }
@@ -289,17 +289,17 @@ fn rewriting_the_same_id_replaces_the_file() {
 }
 
 #[test]
-fn id_prefix_collision_gets_a_longer_name() {
+fn id_ending_collision_gets_a_longer_name() {
     for flavor in ALL_FLAVORS {
         let tmp = tempfile::tempdir().unwrap();
         let s = site(tmp.path(), flavor, None);
-        // Same first 12 (and 16) characters, different IDs.
-        let a = Msg::new("AbCdEfGhIjKlMnOp_AAAAAAAAAA");
-        let b = Msg::new("AbCdEfGhIjKlMnOp_BBBBBBBBBB");
+        // Same last 12 (and 16) characters, different IDs.
+        let a = Msg::new("AAAAAAAAAA_AbCdEfGhIjKlMnOp");
+        let b = Msg::new("BBBBBBBBBB_AbCdEfGhIjKlMnOp");
         let pa = write_message(&s, Folder::Inbox, &a.file()).unwrap();
         let pb = write_message(&s, Folder::Inbox, &b.file()).unwrap();
         assert_ne!(pa, pb, "{flavor:?}");
-        assert!(pa.to_string_lossy().ends_with("-AbCdEfGhIjKl.md"));
+        assert!(pa.to_string_lossy().ends_with("-EfGhIjKlMnOp.md"));
         assert_eq!(read_message(&pa).unwrap().id, a.id);
         assert_eq!(read_message(&pb).unwrap().id, b.id);
         // Each retry lands on its own file again.
@@ -315,7 +315,7 @@ fn a_foreign_file_in_the_way_is_never_overwritten() {
     let s = site(tmp.path(), Flavor::Hugo, None);
     let dir = s.inbox_dir();
     std::fs::create_dir_all(&dir).unwrap();
-    let squatter = dir.join("2024-03-06-alice.example.org-AbCdEfGhIjKl.md");
+    let squatter = dir.join("2024-03-06-alice.example.org-QrStUv_-0123.md");
     std::fs::write(&squatter, "not a message").unwrap();
     let p = write_message(&s, Folder::Inbox, &Msg::new(ID).file()).unwrap();
     assert_ne!(p, squatter);
@@ -327,10 +327,10 @@ fn a_batch_shares_its_syncs_and_one_bad_message_sinks_nothing() {
     for flavor in ALL_FLAVORS {
         let tmp = tempfile::tempdir().unwrap();
         let s = site(tmp.path(), flavor, None);
-        let a = Msg::new("AbCdEfGhIjKlMnOp_AAAAAAAAAA");
+        let a = Msg::new("AAAAAAAAAA_AbCdEfGhIjKlMnOp");
         let bad = Msg::new("not an id");
-        // Same 16-character prefix as `a`: the batch must name them apart.
-        let b = Msg::new("AbCdEfGhIjKlMnOp_BBBBBBBBBB");
+        // Same last 16 characters as `a`: the batch must name them apart.
+        let b = Msg::new("BBBBBBBBBB_AbCdEfGhIjKlMnOp");
         let mut sent = Msg::new(ID);
         sent.content = "a copy\n".into();
         let results = inbox::write_batch(vec![
@@ -380,7 +380,7 @@ fn a_large_batch_keeps_every_result_beside_its_message() {
             if i == 13 {
                 Msg::new("bad id")
             } else {
-                Msg::new(&format!("AbCdEfGhIjKl{i:010}x"))
+                Msg::new(&format!("x{i:010}AbCdEfGhIjKl"))
             }
         })
         .collect();
@@ -411,8 +411,8 @@ async fn the_writer_thread_writes_concurrent_messages_and_outlives_a_panic() {
     for i in 0..60 {
         let (writer, s) = (writer.clone(), s.clone());
         tasks.push(tokio::spawn(async move {
-            // All share the 12-character prefix.
-            let m = Msg::new(&format!("AbCdEfGhIjKl{i:010}x"));
+            // All share the last 12 characters.
+            let m = Msg::new(&format!("x{i:010}AbCdEfGhIjKl"));
             writer
                 .write(move || inbox::render_file(&s, Folder::Inbox, &m.file()))
                 .await
@@ -450,8 +450,8 @@ fn concurrent_writers_lose_nothing() {
             let s = &s;
             scope.spawn(move || {
                 for i in 0..10 {
-                    // All share the 12-character prefix.
-                    let m = Msg::new(&format!("AbCdEfGhIjKl{t:05}{i:05}xx"));
+                    // All share the last 12 characters.
+                    let m = Msg::new(&format!("xx{t:05}{i:05}AbCdEfGhIjKl"));
                     write_message(s, Folder::Inbox, &m.file()).unwrap();
                     write_message(s, Folder::Inbox, &m.file()).unwrap();
                 }
