@@ -78,8 +78,12 @@ impl App {
         })
     }
 
-    /// The site with identity `me` (canonical string).
+    /// The site with identity `me`. A canonical string (what the protocol
+    /// parser hands on) is found without parsing it again.
     pub fn site(&self, me: &str) -> Option<&SiteConfig> {
+        if let Some(site) = self.config.sites.iter().find(|s| s.is_str(me)) {
+            return Some(site);
+        }
         let me = Identity::parse(me).ok()?;
         self.config.site(&me)
     }

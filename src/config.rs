@@ -221,6 +221,11 @@ impl SiteConfig {
         }
     }
 
+    /// Whether this site's canonical identity is exactly the string `me`.
+    pub fn is_str(&self, me: &str) -> bool {
+        matches!(&self.parsed, Some((id, _)) if id.as_str() == me)
+    }
+
     /// Whether this site's identity is `me`.
     pub fn is(&self, me: &Identity) -> bool {
         match &self.parsed {

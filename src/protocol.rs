@@ -206,7 +206,7 @@ impl Request {
 
     /// Parses form parameters; unknown parameters are ignored (PROTOCOL.md).
     pub fn parse(body: &[u8]) -> Result<Request, ProtoError> {
-        let mut params: HashMap<String, String> = HashMap::new();
+        let mut params: HashMap<String, String> = HashMap::with_capacity(PARAMS.len());
         for (k, v) in form_urlencoded_pairs(body)? {
             // Unknown parameters are ignored, repeated or not; a protocol
             // parameter given twice is malformed (which value counts would be a guess).

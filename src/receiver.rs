@@ -361,10 +361,8 @@ pub async fn message(
     // Durable file first, then the record: a crash in between leaves a file
     // that the sender's retry rewrites in place (same name), never a duplicate.
     let site = site.clone();
-    let sender =
-        Identity::parse(&push.sender).map_err(|e| ProtoError::invalid_request(e.to_string()))?;
-    let recipient =
-        Identity::parse(&push.recipient).map_err(|e| ProtoError::invalid_request(e.to_string()))?;
+    // The site matched the recipient: its identity is the recipient's.
+    let (sender, recipient) = (sender_id, site.identity());
     let push2 = push.clone();
     let tok2 = tok.clone();
     let path = app

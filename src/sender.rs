@@ -571,15 +571,13 @@ fn pending(
     match subject {
         Subject::Message(m) => Ok(app
             .store
-            .message(m)
+            .message_head(m)
             .map_err(ProtoError::storage)?
-            .is_some_and(|msg| undelivered_between(&msg, sender, recipient))),
+            .is_some_and(|msg| {
+                msg.sender == sender && msg.recipient == recipient && msg.state.is_pending()
+            })),
         Subject::Code(k) => code_valid(app, k, sender, recipient),
     }
-}
-
-fn undelivered_between(msg: &OutMessage, sender: &str, recipient: &str) -> bool {
-    msg.sender == sender && msg.recipient == recipient && msg.state.is_pending()
 }
 
 fn code_valid(app: &App, code: &str, sender: &str, recipient: &str) -> Result<bool, ProtoError> {

@@ -185,6 +185,15 @@ pub struct Channel {
     pub expires_ms: i64,
 }
 
+/// The part of an [`OutMessage`] that says whether it is pending between
+/// two identities.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct MessageHead {
+    pub sender: String,
+    pub recipient: String,
+    pub state: State,
+}
+
 /// A signed-in web UI session: for one site (identity).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct UiSession {
@@ -360,6 +369,12 @@ impl Store {
     }
 
     pub fn message(&self, id: &str) -> Result<Option<OutMessage>> {
+        self.read_json(OUTBOX, id)
+    }
+
+    /// Who a message is from and to, and its state, without decoding the
+    /// rest (verify and deliver ask this of every message).
+    pub fn message_head(&self, id: &str) -> Result<Option<MessageHead>> {
         self.read_json(OUTBOX, id)
     }
 
