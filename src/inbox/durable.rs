@@ -28,14 +28,19 @@
 use std::fs::File;
 use std::io;
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 /// Batches of at least this many files are synced per file system.
 pub const SYNCFS_MIN_FILES: usize = 4;
 
+/// Set once `syncfs` turns out not to exist here (an old kernel, a seccomp
+/// filter): from then on every file is fsynced, and the warning is said once.
+static NO_SYNCFS: AtomicBool = AtomicBool::new(false);
+
 /// Makes the data and inode of each file durable, given with its folder.
 /// One result per file, in order.
 pub fn sync_files(files: &[(&File, &Path)]) -> Vec<io::Result<()>> {
-    if files.len() < SYNCFS_MIN_FILES {
+    if files.len() < SYNCFS_MIN_FILES || NO_SYNCFS.load(Ordering::Relaxed) {
         return files.iter().map(|(f, _)| f.sync_all()).collect();
     }
     // One syncfs per file system (the inbox and sent folders share one).
@@ -48,7 +53,13 @@ pub fn sync_files(files: &[(&File, &Path)]) -> Vec<io::Result<()>> {
                 Some((_, r)) => *r,
                 None => {
                     let r = sync_filesystem(dir).map_err(|e| {
-                        tracing::warn!(dir = %dir.display(), "syncfs failed ({e}); syncing file by file");
+                        let missing = matches!(e.kind(), io::ErrorKind::Unsupported)
+                            || matches!(e.raw_os_error(), Some(libc::ENOSYS | libc::EPERM));
+                        if !missing {
+                            tracing::warn!(dir = %dir.display(), "syncfs failed ({e}); syncing file by file");
+                        } else if !NO_SYNCFS.swap(true, Ordering::Relaxed) {
+                            tracing::warn!("syncfs is not available ({e}); syncing file by file from now on");
+                        }
                     });
                     // A file system we cannot name is synced every time.
                     if let Some(fs) = fs {
