@@ -158,9 +158,16 @@ mod tests {
     fn small_and_large_batches_sync_every_file_in_order() {
         let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
         for n in [1, SYNCFS_MIN_FILES, 9] {
+            // One of them is a pipe, which cannot be synced: its error must
+            // come back in its place, and only there.
+            let bad = n / 2;
             let files: Vec<(File, &Path)> = (0..n)
                 .map(|i| {
                     let dir = dirs[i % 2].path();
+                    if i == bad {
+                        let (_, writer) = std::io::pipe().unwrap();
+                        return (File::from(std::os::fd::OwnedFd::from(writer)), dir);
+                    }
                     let mut f = tempfile::tempfile_in(dir).unwrap();
                     f.write_all(b"a message").unwrap();
                     (f, dir)
@@ -169,7 +176,9 @@ mod tests {
             let refs: Vec<(&File, &Path)> = files.iter().map(|(f, d)| (f, *d)).collect();
             let results = sync_files(&refs);
             assert_eq!(results.len(), n);
-            assert!(results.iter().all(|r| r.is_ok()), "{results:?}");
+            for (i, r) in results.iter().enumerate() {
+                assert_eq!(r.is_err(), i == bad, "batch of {n}, file {i}: {r:?}");
+            }
         }
     }
 }
