@@ -126,7 +126,10 @@ impl Fetcher {
             .user_agent(USER_AGENT)
             .redirect(reqwest::redirect::Policy::none())
             .no_proxy()
-            .timeout(TIMEOUT)
+            // No `.timeout()`: every request already runs inside one
+            // `tokio::time::timeout` of `TIMEOUT` (`get`, `send_once`) that
+            // also covers reading the body; a second timer per request
+            // would only cost.
             .connect_timeout(TIMEOUT)
             .dns_resolver(GuardedResolver {
                 policy: policy.clone(),
@@ -285,9 +288,9 @@ impl Fetcher {
     }
 }
 
-async fn read_limited(url: Url, resp: reqwest::Response) -> Result<Fetched, FetchError> {
+async fn read_limited(url: Url, mut resp: reqwest::Response) -> Result<Fetched, FetchError> {
     let status = resp.status();
-    let headers = resp.headers().clone();
+    let headers = std::mem::take(resp.headers_mut());
     let mut body = BytesMut::new();
     let mut truncated = false;
     let mut stream = resp.bytes_stream();

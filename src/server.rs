@@ -163,6 +163,9 @@ async fn accept_loop(listener: TcpListener, app: Arc<App>) {
             },
             _ = app.shutdown.cancelled() => break,
         };
+        // Answers go out as soon as they are written, whatever the size
+        // of the previous segment still unacknowledged.
+        let _ = stream.set_nodelay(true);
         let app = app.clone();
         let service = hyper::service::service_fn(move |req| {
             let app = app.clone();

@@ -23,7 +23,6 @@ use std::sync::Arc;
 
 use hyper::{Response, StatusCode};
 use maud::html;
-use scraper::{Html, Selector};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 use url::Url;
@@ -421,26 +420,7 @@ fn redirect_uri(site: &SiteConfig) -> String {
 
 /// The first link with `rel` value `want`: `Link` header first, then the HTML.
 fn rel_link(page: &crate::fetch::Fetched, want: &str) -> Option<Url> {
-    let has = |rel: &str| {
-        rel.split_ascii_whitespace()
-            .any(|r| r.eq_ignore_ascii_case(want))
-    };
-    let from_header = page
-        .headers
-        .get_all(reqwest::header::LINK)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(crate::discover::parse_link_header)
-        .find(|l| has(&l.rel))
-        .map(|l| l.target);
-    let href = from_header.or_else(|| {
-        let doc = Html::parse_document(&String::from_utf8_lossy(&page.body));
-        let sel = Selector::parse("link[rel][href], a[rel][href]").ok()?;
-        doc.select(&sel)
-            .find(|e| e.value().attr("rel").is_some_and(has))
-            .and_then(|e| e.value().attr("href").map(str::to_string))
-    })?;
-    let url = page.url.join(href.trim()).ok()?;
+    let url = crate::discover::find_rel(&page.url, &page.headers, &page.body, true, want)?;
     parse_http_url(url.as_str()).ok()
 }
 
