@@ -270,6 +270,26 @@ mod tests {
     }
 
     #[test]
+    fn any_rel_is_found_in_a_header_with_a_non_ascii_byte_then_in_the_html() {
+        let base = Url::parse("https://alice.example/").unwrap();
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            LINK,
+            reqwest::header::HeaderValue::from_bytes(
+                "</auth>; rel=\"authorization_endpoint\"; title=\"Zoë\"".as_bytes(),
+            )
+            .unwrap(),
+        );
+        let found = find_rel(&base, &headers, b"", true, "authorization_endpoint");
+        assert_eq!(found.unwrap().as_str(), "https://alice.example/auth");
+        assert_eq!(find_rel(&base, &headers, b"", true, "pm"), None);
+        let html = br#"<a rel="me" href="/me"></a><link rel="PM other" href="/pm">"#;
+        let found = find_rel(&base, &HeaderMap::new(), html, true, "pm");
+        assert_eq!(found.unwrap().as_str(), "https://alice.example/pm");
+        assert_eq!(find_rel(&base, &HeaderMap::new(), html, false, "pm"), None);
+    }
+
+    #[test]
     fn rel_matching_is_whole_word_and_case_insensitive() {
         assert!(rel_has("PM", "pm"));
         assert!(rel_has("me  pm", "pm"));
