@@ -397,9 +397,22 @@ pub fn new_secret() -> String {
 /// which keys what it receives by it), and a group commit rewrites a few
 /// pages instead of one per message.
 pub fn new_message_id() -> String {
+    time_ordered::<16>()
+}
+
+/// A fresh bearer token (step 4): the issue time in milliseconds (12 hex
+/// digits), then 256 bits from the CSPRNG (43 base64url characters), 55
+/// characters. The time is there for the same reason as in message IDs:
+/// see [`token_key`].
+pub fn new_token() -> String {
+    time_ordered::<32>()
+}
+
+/// `N` random bytes (base64url) after the current time in ms (12 hex digits).
+fn time_ordered<const N: usize>() -> String {
     use base64::Engine;
     use rand::Rng;
-    let mut bytes = [0u8; 16];
+    let mut bytes = [0u8; N];
     rand::rng().fill_bytes(&mut bytes);
     let ms = chrono::Utc::now()
         .timestamp_millis()
@@ -408,6 +421,24 @@ pub fn new_message_id() -> String {
         "{ms:012x}{}",
         base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
     )
+}
+
+/// The key a token is stored under: its issue time as it leads the token,
+/// then the SHA-256 of the whole token (hex). Only the hash is secret-derived;
+/// the time is what the token's own first characters say. Keyed by the hash
+/// alone, each token issued and each one used up landed on a random page of
+/// a table holding a week of tokens, and every group commit rewrote one page
+/// per message; in time order they share the last pages. A token of another
+/// shape (issued before tokens carried their time) keeps its old key, the
+/// bare hash, so it stays valid.
+pub fn token_key(token: &str) -> String {
+    let is_time = |p: &str| p.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
+    match token.get(..12) {
+        Some(time) if token.len() == 55 && is_time(time) => {
+            format!("{time}{}", hash_secret(token))
+        }
+        _ => hash_secret(token),
+    }
 }
 
 /// The stored form of a token or code: its SHA-256, hex.
@@ -427,6 +458,28 @@ mod tests {
     use super::*;
 
     const M: &str = "AAAAAAAAAAAAAAAAAAAAAAAA";
+
+    #[test]
+    fn tokens_lead_with_their_time_and_are_keyed_by_it_then_their_hash() {
+        let a = new_token();
+        std::thread::sleep(std::time::Duration::from_millis(2));
+        let b = new_token();
+        assert_eq!(a.len(), 55);
+        assert!(is_valid_token(&a));
+        assert_ne!(a[12..], b[12..], "the random part differs");
+        let (ka, kb) = (token_key(&a), token_key(&b));
+        assert_eq!(ka, format!("{}{}", &a[..12], hash_secret(&a)));
+        assert!(ka < kb, "later tokens sort after earlier ones");
+        assert!(
+            !ka.contains(&a[12..]),
+            "the secret part is stored only hashed"
+        );
+        // A token without a time in front (as issued before) keeps its old key.
+        let old = new_secret();
+        assert_eq!(token_key(&old), hash_secret(&old));
+        let no_time = format!("0000000000Zz{}", &a[12..]);
+        assert_eq!(token_key(&no_time), hash_secret(&no_time));
+    }
 
     #[test]
     fn parses_notify_and_canonicalises_identities() {

@@ -19,7 +19,7 @@ use crate::app::{App, lock, now_ms};
 use crate::config::SiteConfig;
 use crate::identity::Identity;
 use crate::inbox::{self, Folder, MessageFile};
-use crate::protocol::{self, ProtoError, Push, Subject, hash_secret, hashes_equal};
+use crate::protocol::{self, ProtoError, Push, Subject, hashes_equal};
 use crate::server::{Body, json};
 use crate::store::{Commit, IssuedToken, Received, RecordOutcome};
 
@@ -196,9 +196,9 @@ async fn handshake(
     }
     tracing::info!(step = 3, %sender, "sender's server confirmed");
 
-    // Step 4: a fresh token, stored only as its hash.
-    let token = protocol::new_secret();
-    let hash = hash_secret(&token);
+    // Step 4: a fresh token, stored only as its hash (under its time: `token_key`).
+    let token = protocol::new_token();
+    let hash = protocol::token_key(&token);
     let now = now_ms();
     let (kind, message, lifetime_s) = match subject {
         Subject::Message(m) => ("message", Some(m.clone()), protocol::HANDSHAKE_SECS),
@@ -287,7 +287,7 @@ pub async fn message(
     if !protocol::is_valid_token(&token) {
         return Err(ProtoError::invalid_token("malformed token"));
     }
-    let hash = hash_secret(&token);
+    let hash = protocol::token_key(&token);
     let issued = app.store.token(&hash).map_err(ProtoError::storage)?;
     let bound = |t: &IssuedToken| {
         t.sender == push.sender

@@ -723,7 +723,7 @@ async fn expired_tokens_are_refused_and_the_sender_shakes_hands_again() {
     let bob_db = indiepm::store::Store::open(&bob.dir.path().join("data")).unwrap();
     let past = chrono::Utc::now().timestamp_millis() - 1000;
     for (secret, subject) in [(&t1, m1.as_str()), (&channel.token, "expired-by-the-test")] {
-        let hash = indiepm::protocol::hash_secret(secret);
+        let hash = indiepm::protocol::token_key(secret);
         let mut issued = bob_db.token(&hash).unwrap().expect("Bob issued this token");
         assert!(issued.expires_ms > past);
         issued.expires_ms = past;
