@@ -250,13 +250,11 @@ fn classify(
                 })
                 .unwrap_or_default();
             let msg = format!("{what} answered HTTP {} {detail}", resp.status.as_u16());
-            // A stranger's number: at most a day, so the schedule cannot overflow.
             let retry_after = resp
                 .headers
                 .get(reqwest::header::RETRY_AFTER)
                 .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.trim().parse::<u64>().ok())
-                .map(|s| s.min(MAX_RETRY_AFTER_SECS));
+                .and_then(|v| retry_after_secs(v, chrono::Utc::now()));
             match resp.status.as_u16() {
                 401 => Outcome::TokenRefused,
                 429 | 408 => Outcome::Retry(msg, retry_after),
@@ -269,6 +267,23 @@ fn classify(
         }
         Err(e) => Outcome::Retry(format!("{what}: {e}"), None),
     }
+}
+
+/// A `Retry-After` value in seconds from `now`: delay-seconds (what
+/// PROTOCOL.md's 429 sends) or an HTTP-date (RFC 9110, what proxies in
+/// front of a peer often send with a 503; a date already past is 0). A
+/// stranger's number: at most a day, so the schedule cannot overflow.
+fn retry_after_secs(value: &str, now: chrono::DateTime<chrono::Utc>) -> Option<u64> {
+    let value = value.trim();
+    let secs = match value.parse::<u64>() {
+        Ok(secs) => secs,
+        // IMF-fixdate ("Sun, 06 Nov 1994 08:49:37 GMT") is RFC 2822's form.
+        Err(_) => {
+            let at = chrono::DateTime::parse_from_rfc2822(value).ok()?;
+            u64::try_from((at.with_timezone(&chrono::Utc) - now).num_seconds()).unwrap_or(0)
+        }
+    };
+    Some(secs.min(MAX_RETRY_AFTER_SECS))
 }
 
 /// One attempt at moving message `id` forward.
@@ -684,4 +699,36 @@ pub async fn deliver(
         }
     }
     Ok(json(StatusCode::ACCEPTED, &json!({"status": "accepted"})))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_after_is_seconds_or_an_http_date_and_at_most_a_day() {
+        let now = chrono::DateTime::parse_from_rfc3339("2026-11-29T12:00:00Z")
+            .unwrap()
+            .with_timezone(&chrono::Utc);
+        assert_eq!(retry_after_secs("120", now), Some(120));
+        assert_eq!(retry_after_secs(" 7 ", now), Some(7));
+        assert_eq!(
+            retry_after_secs("Sun, 29 Nov 2026 12:01:30 GMT", now),
+            Some(90)
+        );
+        assert_eq!(
+            retry_after_secs("Sun, 29 Nov 2026 11:00:00 GMT", now),
+            Some(0)
+        );
+        assert_eq!(
+            retry_after_secs("999999999", now),
+            Some(MAX_RETRY_AFTER_SECS)
+        );
+        assert_eq!(
+            retry_after_secs("Fri, 01 Jan 2100 00:00:00 GMT", now),
+            Some(MAX_RETRY_AFTER_SECS)
+        );
+        assert_eq!(retry_after_secs("-5", now), None);
+        assert_eq!(retry_after_secs("soon", now), None);
+    }
 }
