@@ -1,7 +1,9 @@
 //! Server benchmark: N messages from Alice to Bob through the real servers
 //! (the release binary, as child processes) on loopback, in each flow, and
 //! in the same run the floor: the same number of bare hyper round trips a
-//! message needs, against a server that does nothing.
+//! message needs, against a server that does nothing, measured twice right
+//! before the flow run and twice right after (this VM's speed drifts; the
+//! ratio uses their median).
 //!
 //! Measured: messages per second (first creation to last file on disk),
 //! p50 and p99 latency from creation (Micropub's 202) to the inbox file
@@ -338,14 +340,33 @@ async fn run_floor(n: usize, trips: usize, addr: SocketAddr) -> f64 {
     n as f64 / start.elapsed().as_secs_f64()
 }
 
-/// The floor is pure CPU on a shared VM: the median of three runs.
-async fn median_floor(n: usize, trips: usize, addr: SocketAddr) -> f64 {
-    let mut runs = Vec::new();
-    for _ in 0..3 {
-        runs.push(run_floor(n, trips, addr).await);
+/// The floor runs beside one flow run: two right before it and two right
+/// after, for the full and the protocol-only trip counts.
+struct Floors {
+    full: Vec<f64>,
+    protocol: Vec<f64>,
+}
+
+impl Floors {
+    async fn measure(&mut self, n: usize, trips: usize, addr: SocketAddr) {
+        for _ in 0..2 {
+            self.full.push(run_floor(n, trips, addr).await);
+            self.protocol.push(run_floor(n, trips - 1, addr).await);
+        }
     }
-    runs.sort_by(f64::total_cmp);
-    runs[1]
+}
+
+/// The floor is pure CPU on a shared VM whose speed drifts from minute to
+/// minute: the median of the runs bracketing the flow run in time.
+fn median(runs: &[f64]) -> f64 {
+    let mut v = runs.to_vec();
+    v.sort_by(f64::total_cmp);
+    let mid = v.len() / 2;
+    if v.len().is_multiple_of(2) {
+        (v[mid - 1] + v[mid]) / 2.0
+    } else {
+        v[mid]
+    }
 }
 
 /// Bob's RSS while 1,000 notifies wait on a sender whose homepage never answers.
@@ -453,6 +474,20 @@ async fn main() {
         // Warm-up: one message (and, in the channel flow, the handshake).
         let _ = run_flow(1, &alice, &bob_url, &bob).await;
         std::fs::remove_dir_all(&bob.inbox).ok();
+        let floor_addr = bare_server([127, 0, 0, 4], stop.clone()).await;
+        let mut floors = Floors {
+            full: Vec::new(),
+            protocol: Vec::new(),
+        };
+        // The floor must have the machine to itself: the servers are idle
+        // before the run and after it.
+        let (busy_f0, idle_f0) = machine_cpu();
+        let servers_f0 = cpu_secs(alice.child.id()) + cpu_secs(bob.child.id());
+        floors.measure(n, trips, floor_addr).await;
+        let (servers_f1, (busy_f1, idle_f1)) = (
+            cpu_secs(alice.child.id()) + cpu_secs(bob.child.id()),
+            machine_cpu(),
+        );
         let me = std::process::id();
         let (a0, b0, h0) = (
             cpu_secs(alice.child.id()),
@@ -467,17 +502,22 @@ async fn main() {
             cpu_secs(bob.child.id()),
             cpu_secs(me),
         );
-        let floor_addr = bare_server([127, 0, 0, 4], stop.clone()).await;
-        let (busy_f0, idle_f0) = machine_cpu();
-        let servers_f0 = cpu_secs(alice.child.id()) + cpu_secs(bob.child.id());
-        let floor = median_floor(n, trips, floor_addr).await;
-        let servers_f1 = cpu_secs(alice.child.id()) + cpu_secs(bob.child.id());
-        let (busy_f1, idle_f1) = machine_cpu();
-        // The floor must have the machine to itself: the servers are idle by now.
+        let (busy_f2, idle_f2) = machine_cpu();
+        let servers_f2 = cpu_secs(alice.child.id()) + cpu_secs(bob.child.id());
+        floors.measure(n, trips, floor_addr).await;
+        let servers_f3 = cpu_secs(alice.child.id()) + cpu_secs(bob.child.id());
+        let (busy_f3, idle_f3) = machine_cpu();
+        let (floor, protocol_floor) = (median(&floors.full), median(&floors.protocol));
+        let floor_busy = busy_f1 - busy_f0 + busy_f3 - busy_f2;
+        let floor_idle = idle_f1 - idle_f0 + idle_f3 - idle_f2;
         let floor_note = format!(
-            "floor runs: servers' CPU meanwhile {:.2} s, machine idle {:.0}%",
-            servers_f1 - servers_f0,
-            (idle_f1 - idle_f0) / (busy_f1 - busy_f0 + idle_f1 - idle_f0) * 100.0
+            "floor runs before/after: {:.0} {:.0} / {:.0} {:.0} msg/s; servers' CPU meanwhile {:.2} s, machine idle {:.0}%",
+            floors.full[0],
+            floors.full[1],
+            floors.full[2],
+            floors.full[3],
+            servers_f1 - servers_f0 + servers_f3 - servers_f2,
+            floor_idle / (floor_busy + floor_idle) * 100.0
         );
         println!(
             "{:<14} {:>10.0} {:>9.1} {:>9.1} {:>9.1} {:>12.0} {:>7.0}%",
@@ -491,7 +531,6 @@ async fn main() {
         );
         // The floor without the create, for whoever counts only the
         // protocol's own round trips.
-        let protocol_floor = median_floor(n, trips - 1, floor_addr).await;
         println!(
             "{:<14} without the Micropub trip: floor {:.0} msg/s, ratio {:.0}%; {floor_note}",
             "",
