@@ -376,6 +376,9 @@ pub fn excerpt(text: &str, max: usize) -> String {
     out
 }
 
+/// How long a sender keeps retrying at least ("Delivery duties": 3 days).
+pub const RETRY_DAYS_SECS: f64 = 3.0 * 86_400.0;
+
 /// A fresh secret of the protocol alphabet: 32 bytes from the thread-local
 /// CSPRNG (ChaCha, seeded from the OS), base64url without padding: 43 characters,
 /// 256 bits. Used for codes and tokens.

@@ -96,6 +96,13 @@ pub async fn start_on(
     }
     let files = crate::inbox::writer::Writer::start()
         .map_err(|e| ServeError::Config(format!("cannot start the file writer: {e}")))?;
+    let give_up = config.delivery.give_up_after_secs;
+    if give_up < crate::protocol::RETRY_DAYS_SECS {
+        tracing::warn!(
+            give_up_after_secs = give_up,
+            "undelivered messages are given up before the 3 days of retries PROTOCOL.md asks of a sender"
+        );
+    }
     let app = App::new(config, store, files);
     crate::sender::resume(&app).map_err(|e| ServeError::Store("queue".into(), e))?;
     // `indiepm send` reads the address from here: `listen` may name port 0.

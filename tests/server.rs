@@ -1523,6 +1523,28 @@ async fn receiver_down_then_up_retry_delivers() {
     assert_inbox_exactly(&bob, std::slice::from_ref(&id));
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_undeliverable_message_is_given_up_with_its_reason() {
+    // Below PROTOCOL.md's 3 days only because the owner said so, and said loudly.
+    let alice = Peer::start(
+        "Alice",
+        Opts::flow("message").delivery("give_up_after_secs = 1.5"),
+    );
+    let bob = Peer::offline("Bob", Opts::default());
+    let id = alice.send(&bob.me, "anyone home?").await;
+    alice.wait_state(std::slice::from_ref(&id), "failed").await;
+    let props = alice.source(&id).await;
+    let why = props["pm-last-error"][0].as_str().unwrap_or_default();
+    assert!(why.starts_with("gave up after "), "{props}");
+    assert!(props["pm-attempts"][0].as_u64() >= Some(1), "{props}");
+    assert_eq!(
+        alice.log_count(&["WARN", "given up before the 3 days"]),
+        1,
+        "{}",
+        alice.log_tail()
+    );
+}
+
 /// Starts a run of `n` messages from Alice to Bob and SIGKILLs the victim
 /// once Bob's inbox has its first file; after a restart every message is
 /// there exactly once and no temp file is left.
