@@ -118,6 +118,15 @@ impl Queue {
     }
 }
 
+/// Calls [`Queue::end`] when dropped.
+struct AttemptEnd<'a>(&'a Queue, &'a str);
+
+impl Drop for AttemptEnd<'_> {
+    fn drop(&mut self) {
+        self.0.end(self.1);
+    }
+}
+
 /// The due time of [`Queue::schedule_first`]: before any real time.
 const FIRST: i64 = i64::MIN;
 
@@ -242,9 +251,11 @@ pub async fn run_queue(app: Arc<App>) {
                 }
                 let app2 = app.clone();
                 app.tracker.spawn(async move {
+                    let _permit = permit;
+                    // Ended even if the attempt panics: a message left
+                    // "running" would never be attempted again.
+                    let _end = AttemptEnd(&app2.queue, &id);
                     attempt(&app2, &id).await;
-                    app2.queue.end(&id);
-                    drop(permit);
                 });
                 continue;
             }
@@ -778,6 +789,16 @@ mod tests {
         assert!(q.start("m", FIRST));
         q.end("m");
         assert_eq!(q.take_due(i64::MAX), Err(None), "nothing more to run");
+        // An attempt that panics still ends.
+        assert!(q.start("m", 1));
+        let panicked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let _end = AttemptEnd(&q, "m");
+            assert!(!q.start("m", 2));
+            panic!("a bug in an attempt");
+        }));
+        assert!(panicked.is_err());
+        assert_eq!(q.take_due(1_000), Ok((2, "m".into())));
+        assert!(q.start("m", 2), "no longer marked running");
     }
 
     #[test]
