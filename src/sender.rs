@@ -34,11 +34,11 @@ use crate::protocol::{self, ProtoError, Subject, hash_secret};
 use crate::server::{Body, json};
 use crate::store::{Channel, Code, Commit, Grant, OutMessage, State, StoreError};
 
-/// Pushes and notifies in flight at once. A push waits for the receiver's
-/// syncs (its file, its record), so on a disk with slow flushes 64 slots
-/// filled with pushes left the CPUs idle; 128 keeps notifies moving
-/// meanwhile (measured with `cargo bench --bench server`).
-const CONCURRENCY: usize = 128;
+/// Pushes and notifies in flight at once. (128 was measured too, with
+/// `cargo bench --bench server`: a little less idle CPU on a disk with slow
+/// flushes, but more CPU per message and slower creation where flushes are
+/// cheap.)
+const CONCURRENCY: usize = 64;
 /// The longest `Retry-After` honoured, in seconds.
 const MAX_RETRY_AFTER_SECS: u64 = 86_400;
 
