@@ -198,7 +198,7 @@ async fn handshake(
 
     // Step 4: a fresh token, stored only as its hash (under its time: `token_key`).
     let token = protocol::new_token();
-    let hash = protocol::token_key(&token);
+    let key = protocol::token_key(&token);
     let now = now_ms();
     let (kind, message, lifetime_s) = match subject {
         Subject::Message(m) => ("message", Some(m.clone()), protocol::HANDSHAKE_SECS),
@@ -210,7 +210,7 @@ async fn handshake(
     };
     app.store
         .issue_token(
-            hash.clone(),
+            key.clone(),
             subject.as_str().to_string(),
             IssuedToken {
                 kind: kind.into(),
@@ -251,7 +251,7 @@ async fn handshake(
         Ok(_) => None,
     };
     if let Some(why) = failure {
-        revoke(app, hash, subject).await;
+        revoke(app, key, subject).await;
         return Err(why);
     }
     tracing::info!(step = 4, %sender, kind, "token handed over; waiting for the push");
@@ -262,14 +262,14 @@ async fn handshake(
 /// now, so the sender's repeated notify starts a new handshake instead of
 /// waiting out the old token's 10 minutes (a sender that took the token
 /// after all gets `401` on its push and shakes hands again).
-async fn revoke(app: &App, hash: String, subject: &Subject) {
-    let Ok(Some(mut tok)) = app.store.token(&hash) else {
+async fn revoke(app: &App, key: String, subject: &Subject) {
+    let Ok(Some(mut tok)) = app.store.token(&key) else {
         return;
     };
     tok.expires_ms = tok.expires_ms.min(now_ms());
     if let Err(e) = app
         .store
-        .issue_token(hash, subject.as_str().to_string(), tok, Commit::Durable)
+        .issue_token(key, subject.as_str().to_string(), tok, Commit::Durable)
         .await
     {
         tracing::warn!(error = %e, "cannot revoke the token of a failed handshake");
@@ -287,8 +287,8 @@ pub async fn message(
     if !protocol::is_valid_token(&token) {
         return Err(ProtoError::invalid_token("malformed token"));
     }
-    let hash = protocol::token_key(&token);
-    let issued = app.store.token(&hash).map_err(ProtoError::storage)?;
+    let key = protocol::token_key(&token);
+    let issued = app.store.token(&key).map_err(ProtoError::storage)?;
     let bound = |t: &IssuedToken| {
         t.sender == push.sender
             && t.recipient == push.recipient
@@ -302,7 +302,7 @@ pub async fn message(
         .map_err(ProtoError::storage)?
     {
         return match &issued {
-            Some(t) if bound(t) || hashes_equal(&prev.token_hash, &hash) => {
+            Some(t) if bound(t) || hashes_equal(&prev.token_hash, &key) => {
                 tracing::info!(step = 6, sender = %push.sender, id = %push.message, "message already received");
                 Ok(json(StatusCode::OK, &json!({"status": "received"})))
             }
@@ -398,7 +398,7 @@ pub async fn message(
             Received {
                 recipient: push.recipient.clone(),
                 path: path.display().to_string(),
-                token_hash: hash,
+                token_hash: key,
                 received_ms: now_ms(),
             },
             tok.kind == "message",

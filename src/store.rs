@@ -164,6 +164,9 @@ pub struct IssuedToken {
 pub struct Received {
     pub recipient: String,
     pub path: String,
+    /// The [`crate::protocol::token_key`] of the token that brought it (its
+    /// hash, after the issue time for tokens that carry one; field name kept
+    /// for the records already stored).
     pub token_hash: String,
     pub received_ms: i64,
 }
@@ -519,8 +522,9 @@ impl Store {
         self.read_json(RECEIVED, &key2(sender, message))
     }
 
-    pub fn token(&self, hash: &str) -> Result<Option<IssuedToken>> {
-        self.read_json(TOKENS, hash)
+    /// The token stored under `key` ([`crate::protocol::token_key`]).
+    pub fn token(&self, key: &str) -> Result<Option<IssuedToken>> {
+        self.read_json(TOKENS, key)
     }
 
     /// The last token issued for the handshake about `(sender, subject)`.
@@ -537,19 +541,20 @@ impl Store {
         }
     }
 
-    /// Step 4: records a token by its hash, and the handshake it belongs to.
+    /// Step 4: records a token under its key ([`crate::protocol::token_key`]),
+    /// and the handshake it belongs to.
     pub async fn issue_token(
         &self,
-        hash: String,
+        key: String,
         subject: String,
         token: IssuedToken,
         commit: Commit,
     ) -> Result<()> {
         self.write_with(commit, move |txn| {
             txn.open_table(TOKENS)?
-                .insert(hash.as_str(), to_json(&token).as_slice())?;
+                .insert(key.as_str(), to_json(&token).as_slice())?;
             txn.open_table(HANDSHAKES)?
-                .insert(key2(&token.sender, &subject).as_str(), hash.as_str())?;
+                .insert(key2(&token.sender, &subject).as_str(), key.as_str())?;
             Ok(())
         })
         .await
