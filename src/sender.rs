@@ -236,7 +236,7 @@ pub fn resume(app: &Arc<App>) -> Result<(), StoreError> {
 }
 
 /// The queue worker: runs attempts as they fall due, until shutdown, at
-/// most [`CONCURRENCY`] at once. A slot comes first, then the most urgent
+/// most `CONCURRENCY` at once. A slot comes first, then the most urgent
 /// due attempt: nothing leaves the schedule before it can run, so what is
 /// scheduled meanwhile (a push, a retry) takes its place in line.
 pub async fn run_queue(app: Arc<App>) {
