@@ -140,8 +140,12 @@ impl Default for LimitsConfig {
     fn default() -> Self {
         LimitsConfig {
             max_content_bytes: 64 * 1024,
-            notify_per_minute_per_host: 120,
-            notify_per_minute_per_client: 60,
+            // Ten a second: one busy sending server in the per-message flow
+            // (one notify per message) or a test suite on one address stays
+            // under it, and a stranger still costs at most ten verify POSTs
+            // a second (discoveries are cached and bounded in flight).
+            notify_per_minute_per_host: 600,
+            notify_per_minute_per_client: 600,
             messages_per_minute_per_sender: 6000,
             discovery_in_flight: 32,
             max_connections: 1024,
@@ -297,7 +301,16 @@ impl Config {
             site.content_dir = base.join(&site.content_dir);
         }
         config.validate().map_err(invalid)?;
+        // Hex digits in either case name the same digest; ours are lower-case.
+        config
+            .auth
+            .tokens
+            .iter_mut()
+            .for_each(|t| t.make_ascii_lowercase());
         for site in &mut config.sites {
+            site.tokens
+                .iter_mut()
+                .for_each(|t| t.make_ascii_lowercase());
             let identity = site.identity();
             let path = parse_http_url(&site.endpoint)
                 .map(|u| u.path().to_string())
@@ -483,6 +496,21 @@ content_dir = "site/content"
                 .to_string();
             assert!(err.contains("positive number of seconds"), "{bad}: {err}");
         }
+    }
+
+    #[test]
+    fn a_token_hash_in_upper_case_is_the_same_digest() {
+        let token = crate::protocol::new_secret();
+        let digest = crate::protocol::hash_secret(&token);
+        let text = MIN.replace(
+            "[server]",
+            &format!(
+                "[auth]\ntokens = [\"sha256:{}\"]\n[server]",
+                digest.to_uppercase()
+            ),
+        );
+        let config = Config::parse(&text, Path::new("x.toml")).unwrap();
+        assert_eq!(config.auth.tokens, [format!("sha256:{digest}")]);
     }
 
     #[test]

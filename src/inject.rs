@@ -136,14 +136,20 @@ pub enum InjectError {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Link {
     rel: String,
+    /// The URL parsed and serialised: what links already in a page are
+    /// compared with (PROTOCOL.md compares endpoints this way).
     href: String,
+    /// The URL as written into pages and headers.
+    written: String,
     tag: String,
 }
 
 impl Link {
     /// A link with rel value `rel` (case-insensitive, stored lower-case) to
-    /// the http(s) URL `url`, which is parsed and serialised (WHATWG rules),
-    /// as PROTOCOL.md compares endpoints.
+    /// the http(s) URL `url`. The URL is written as given (CONTRACT.md:
+    /// `href="URL"`) unless it holds characters that do not belong in a
+    /// header or that a parser would rewrite (spaces, quotes, angle brackets,
+    /// non-ASCII): then in its serialised form, which means the same.
     pub fn new(rel: &str, url: &str) -> Result<Link, InjectError> {
         let ok = |c: char| c.is_ascii_alphanumeric() || "-._:/+".contains(c);
         if rel.is_empty() || rel.len() > 128 || !rel.chars().all(ok) {
@@ -151,8 +157,22 @@ impl Link {
         }
         let rel = rel.to_ascii_lowercase();
         let href = parse_http_url(url)?.to_string();
-        let tag = format!(r#"<link rel="{rel}" href="{}">"#, escape_attr(&href));
-        Ok(Link { rel, href, tag })
+        let given = url.trim();
+        let plain = given
+            .bytes()
+            .all(|b| b.is_ascii_graphic() && !b"\"<>\\`{}|^".contains(&b));
+        let written = if plain {
+            given.to_string()
+        } else {
+            href.clone()
+        };
+        let tag = format!(r#"<link rel="{rel}" href="{}">"#, escape_attr(&written));
+        Ok(Link {
+            rel,
+            href,
+            written,
+            tag,
+        })
     }
 
     /// The rel=pm link to a PM endpoint.
@@ -1540,7 +1560,7 @@ pub enum HeadersChange {
 
 /// The `Link` header value for one link.
 fn header_value(link: &Link) -> String {
-    format!("<{}>; rel=\"{}\"", link.href, link.rel)
+    format!("<{}>; rel=\"{}\"", link.written, link.rel)
 }
 
 /// Splits a `Link` header value into its comma-separated entries (commas
@@ -1734,6 +1754,35 @@ mod tests {
         assert!(Link::new("pm", "ftp://x.example/").is_err());
         assert!(Link::new("pm", "not a url").is_err());
         assert_eq!(Link::new("MicroPub", URL).unwrap().rel(), "micropub");
+    }
+
+    #[test]
+    fn the_url_is_written_as_given_and_matched_in_any_equivalent_form() {
+        let given = "https://PM.example.org";
+        let links = [Link::pm(given).unwrap()];
+        assert_eq!(
+            links[0].tag(),
+            r#"<link rel="pm" href="https://PM.example.org">"#
+        );
+        assert_eq!(
+            header_value(&links[0]),
+            r#"<https://PM.example.org>; rel="pm""#
+        );
+        for present in [
+            given,
+            "https://pm.example.org/",
+            "https://pm.example.org:443",
+        ] {
+            let page = format!("<html><head><link rel=pm href=\"{present}\"></head></html>");
+            let r = rewrite_html(page.as_bytes(), &links).unwrap();
+            assert!(matches!(r.html, Cow::Borrowed(_)), "{present}");
+        }
+        // What a parser would rewrite is written serialised.
+        let odd = Link::pm("https://pm.example.org/a b/\u{e9}").unwrap();
+        assert_eq!(
+            odd.tag(),
+            r#"<link rel="pm" href="https://pm.example.org/a%20b/%C3%A9">"#
+        );
     }
 
     #[test]

@@ -37,7 +37,24 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            use clap::error::ErrorKind;
+            // Help and the version are not errors; `indiepm` alone shows the
+            // help too, as users expect.
+            if matches!(
+                e.kind(),
+                ErrorKind::DisplayHelp
+                    | ErrorKind::DisplayVersion
+                    | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+            ) {
+                e.exit();
+            }
+            eprintln!("indiepm: {}", usage_error_line(&e));
+            return ExitCode::from(2);
+        }
+    };
     let result = match cli.command {
         Command::Demo(args) => cmd::demo::run(args),
         Command::Serve(args) => cmd::serve::run(args),
@@ -55,4 +72,35 @@ fn main() -> ExitCode {
             ExitCode::from(2)
         }
     }
+}
+
+/// A usage error as one line (CONTRACT.md: every error is one line on
+/// stderr): clap's message without its usage block, pointing at `--help`.
+/// "error: the following required arguments were not provided:" and its
+/// indented list become one sentence; further paragraphs (a tip) follow
+/// after a semicolon.
+fn usage_error_line(e: &clap::Error) -> String {
+    let text = e.render().to_string();
+    let mut paragraphs: Vec<String> = Vec::new();
+    let mut current = String::new();
+    for line in text.lines().take_while(|l| !l.starts_with("Usage:")) {
+        let line = line.trim();
+        if line.starts_with("For more information") {
+            continue;
+        }
+        if line.is_empty() {
+            if !current.is_empty() {
+                paragraphs.push(std::mem::take(&mut current));
+            }
+        } else if current.is_empty() {
+            current.push_str(line);
+        } else {
+            current.push_str(if current.ends_with(':') { " " } else { ", " });
+            current.push_str(line);
+        }
+    }
+    if !current.is_empty() {
+        paragraphs.push(current);
+    }
+    format!("{} (see --help)", paragraphs.join("; "))
 }

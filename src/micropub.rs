@@ -111,10 +111,21 @@ async fn route(app: &Arc<App>, req: Request<Incoming>) -> Result<Response<Body>,
             } else {
                 (app.config.limits.max_content_bytes * 3 + 16 * 1024).min(MAX_BODY)
             };
-            let (parts, body) = read_body(req, limit, app.config.limits.body_timeout())
-                .await
-                .map_err(|e| MpError::invalid(e.description))?;
-            let post = Post::parse(&parts.headers, &body)?;
+            // Without a token in the header, the body was the only place
+            // left for one: a body we cannot read or parse holds no token,
+            // and no token is 401 (CONTRACT.md) whatever else is wrong.
+            let no_token = || MpError::unauthorized("a bearer token is required");
+            let (parts, body) = match read_body(req, limit, app.config.limits.body_timeout()).await
+            {
+                Ok(read) => read,
+                Err(_) if early.is_none() => return Err(no_token()),
+                Err(e) => return Err(MpError::invalid(e.description)),
+            };
+            let post = match Post::parse(&parts.headers, &body) {
+                Ok(post) => post,
+                Err(_) if early.is_none() => return Err(no_token()),
+                Err(e) => return Err(e),
+            };
             let grant = match early {
                 Some(g) => g,
                 None => authorize(app, post.access_token.clone()).await?,
@@ -140,6 +151,9 @@ struct Post {
     access_token: Option<String>,
     /// `pm-flow`: this project's extension to pick the flow of one message.
     flow: Option<String>,
+    /// Why the post is not an h-entry, if it is not: judged after the
+    /// token, so that a request without one is 401 whatever it holds.
+    not_entry: Option<&'static str>,
 }
 
 impl Post {
@@ -153,9 +167,6 @@ impl Post {
             let v: Value = serde_json::from_slice(body)
                 .map_err(|e| MpError::invalid(format!("body is not JSON: {e}")))?;
             let types = v["type"].as_array().cloned().unwrap_or_default();
-            if !types.iter().any(|t| t == "h-entry") {
-                return Err(MpError::invalid("type must be [\"h-entry\"]"));
-            }
             let props = &v["properties"];
             let first = |k: &str| props[k].as_array().and_then(|a| a.first()).cloned();
             let text = |v: Value| match v {
@@ -181,6 +192,8 @@ impl Post {
                 in_reply_to: first("in-reply-to").and_then(text),
                 access_token: v["access_token"].as_str().map(str::to_string),
                 flow: first("pm-flow").and_then(text),
+                not_entry: (!types.iter().any(|t| t == "h-entry"))
+                    .then_some("type must be [\"h-entry\"]"),
             })
         } else if ct.starts_with("application/x-www-form-urlencoded") {
             let pairs: Vec<(String, String)> = serde_urlencoded::from_bytes(body)
@@ -200,7 +213,7 @@ impl Post {
                 }
             }
             if h.as_deref().is_some_and(|h| h != "entry") {
-                return Err(MpError::invalid("only h=entry is supported"));
+                post.not_entry = Some("only h=entry is supported");
             }
             Ok(post)
         } else {
@@ -281,6 +294,9 @@ async fn verify_remote(app: &Arc<App>, endpoint: &str, token: &str, key: &str) -
 
 /// Step 0 for each recipient of the audience.
 async fn create(app: &Arc<App>, grant: &Grant, post: Post) -> Result<Response<Body>, MpError> {
+    if let Some(why) = post.not_entry {
+        return Err(MpError::invalid(why));
+    }
     let content = post
         .content
         .filter(|c| !c.trim().is_empty())

@@ -748,8 +748,25 @@ fn bad_input_is_one_line_and_exit_2() {
         );
         assert!(run.stderr.contains(says), "{args:?}: {}", run.stderr);
     }
-    // clap's own usage errors also exit 2.
-    assert_eq!(inject(&[s(root)]).code, 2);
+    // Usage errors too: exit 2, one line that says what is missing.
+    for (args, says) in [
+        (vec![s(root)], "--endpoint"),
+        (vec![s(root), "--endpoint", URL, "--bogus"], "--bogus"),
+    ] {
+        let run = inject(&args);
+        assert_eq!(run.code, 2, "{args:?}: {}", run.stderr);
+        assert_eq!(
+            run.stderr.trim_end().lines().count(),
+            1,
+            "{args:?}: {}",
+            run.stderr
+        );
+        assert!(
+            run.stderr.contains(says) && run.stderr.contains("--help"),
+            "{}",
+            run.stderr
+        );
+    }
     assert_eq!(snapshot(root), before);
 }
 

@@ -372,7 +372,7 @@ async fn endpoint_mismatch_sends_nothing_to_the_named_endpoint() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forged_foreign_reused_and_replayed_tokens() {
-    let bob = Peer::start("Bob", Opts::default().limits("max_content_bytes = 2048"));
+    let mut bob = Peer::start("Bob", Opts::default().limits("max_content_bytes = 2048"));
     // Mallory runs her own sender endpoint, on a homepage whose path tries
     // to climb out of any folder it might be turned into.
     let mallory = FakeSender::start("/..%2F..%2Fescape/");
@@ -495,6 +495,21 @@ async fn forged_foreign_reused_and_replayed_tokens() {
             f.display()
         );
     }
+    // Weeks later the token itself is swept away; a late retry of the push
+    // under it still gets its 200 and changes nothing.
+    assert!(bob.stop().success());
+    let store = indiepm::store::Store::open(&bob.dir.path().join("data")).unwrap();
+    let weeks_later = indiepm::app::now_ms() + 8 * 86_400_000;
+    assert!(
+        store.sweep(weeks_later).await.unwrap() > 0,
+        "the token is swept"
+    );
+    drop(store);
+    bob.run();
+    let late = push_form(&mallory.me, &bob.me, &m1, &hello);
+    let r = post_form(&bob.endpoint, &late, Some(&t1)).await;
+    assert_eq!(r.status, 200, "late retry: {r:?}");
+    assert_eq!(bob.file_with(&m1), text);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -545,7 +560,12 @@ async fn a_failed_deliver_does_not_block_the_next_handshake() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn channel_token_from_an_outside_sender_carries_that_pair_only() {
     // Bob's receiver role in the channel flow, against a sender played by the test.
-    let bob = Peer::start("Bob", Opts::default().delivery("channel_token_secs = 120"));
+    let bob = Peer::start(
+        "Bob",
+        Opts::default()
+            .delivery("channel_token_secs = 120")
+            .limits("messages_per_minute_per_sender = 5"),
+    );
     let sender = FakeSender::start("/");
     let code = new_id();
     let notify = own(&[
@@ -583,6 +603,23 @@ async fn channel_token_from_an_outside_sender_carries_that_pair_only() {
         assert_eq!(r.status, 201, "{r:?}");
     }
     assert_inbox_exactly(&bob, &ids);
+    // Five messages a minute used up: the next is 429, but an oversize one
+    // is 413 (PROTOCOL.md: the first error of the table wins).
+    let big = "x".repeat(64 * 1024 + 1);
+    post_form(
+        &bob.endpoint,
+        &push_form(&sender.me, &bob.me, &new_id(), &big),
+        Some(&token),
+    )
+    .await
+    .assert_error(413, "too_large", "oversize, over the rate too");
+    post_form(
+        &bob.endpoint,
+        &push_form(&sender.me, &bob.me, &new_id(), "one more"),
+        Some(&token),
+    )
+    .await
+    .assert_error(429, "rate_limited", "over the rate");
     // Bound to (sender, recipient): nobody else's messages ride it.
     post_form(
         &bob.endpoint,
@@ -1624,6 +1661,35 @@ async fn micropub_errors_and_json_syntax() {
         r.header("www-authenticate")
             .is_some_and(|v| v.starts_with("Bearer"))
     );
+    // No token is 401 whatever the body: empty, not a create, or unreadable.
+    for (ctx, content_type, body) in [
+        ("empty POST", None, String::new()),
+        (
+            "h=card",
+            Some("application/x-www-form-urlencoded"),
+            "h=card".into(),
+        ),
+        ("bad JSON", Some("application/json"), "{".into()),
+        (
+            "not an h-entry",
+            Some("application/json"),
+            r#"{"type":["h-card"]}"#.into(),
+        ),
+    ] {
+        let r = post_raw(&url, content_type, body, None).await;
+        assert_eq!(
+            (r.status, r.json["error"].clone()),
+            (401, json!("unauthorized")),
+            "{ctx}: {r:?}"
+        );
+    }
+    // With the token in the body, what is wrong with the body comes next.
+    let r = post_form(&url, &[("h", "card"), ("access_token", &alice.token)], None).await;
+    assert_eq!(
+        (r.status, r.json["error"].clone()),
+        (400, json!("invalid_request")),
+        "{r:?}"
+    );
     let r = post_form(&url, &create, Some(&new_id())).await;
     assert_eq!(
         (r.status, r.json["error"].clone()),
@@ -1896,6 +1962,37 @@ fn sigterm_as_soon_as_it_listens_drains_and_exits_zero() {
         failures.join("\n")
     );
     wait_until_sync(|| std::net::TcpStream::connect(bob.addr).is_err());
+}
+
+#[test]
+fn listening_on_is_said_even_when_rust_log_hides_info() {
+    use std::io::BufRead;
+    let bob = Peer::offline("Bob", Opts::default());
+    let mut child = std::process::Command::new(common::pm::BIN)
+        .arg("serve")
+        .arg("--config")
+        .arg(&bob.config)
+        .env("RUST_LOG", "error")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = std::io::BufReader::new(child.stderr.take().unwrap());
+    let mut line = String::new();
+    stderr.read_line(&mut line).unwrap();
+    assert_eq!(line.trim_end(), format!("listening on {}", bob.addr));
+    assert!(
+        std::process::Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let mut rest = String::new();
+    let _ = std::io::Read::read_to_string(&mut stderr, &mut rest);
+    assert!(child.wait().unwrap().success(), "{rest}");
+    assert_eq!(rest, "", "nothing else at RUST_LOG=error");
 }
 
 #[test]

@@ -34,6 +34,11 @@ pub fn run(args: Args) -> CmdResult {
         // action would kill the server without its drain.
         let signals = Signals::new();
         let running = crate::server::start(config).await?;
+        // CONTRACT.md promises this line on stderr whatever RUST_LOG says:
+        // supervisors and test harnesses wait for it.
+        if !tracing::enabled!(target: "indiepm::server", tracing::Level::INFO) {
+            eprintln!("listening on {}", running.addr);
+        }
         let app = running.app.clone();
         tokio::spawn(async move {
             signals.wait().await;
