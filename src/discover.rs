@@ -89,8 +89,25 @@ static REL_LINKS: LazyLock<Selector> = LazyLock::new(|| {
     Selector::parse("link[rel][href], a[rel][href]").expect("valid selector")
 });
 
+/// Parses a page as a browser with scripting off does: what a
+/// `<noscript>` holds is then markup, not text, and a link in it counts
+/// (PROTOCOL.md: the first element "anywhere in the document").
+/// `Html::parse_document` parses with scripting on.
+pub fn parse_page(html: &str) -> Html {
+    use html5ever::tendril::TendrilSink;
+    let opts = html5ever::ParseOpts {
+        tree_builder: html5ever::tree_builder::TreeBuilderOpts {
+            scripting_enabled: false,
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    html5ever::driver::parse_document(scraper::HtmlTreeSink::new(Html::new_document()), opts)
+        .one(html)
+}
+
 fn first_html_link(html: &str, rel: &str) -> Option<String> {
-    let doc = Html::parse_document(html);
+    let doc = parse_page(html);
     doc.select(&REL_LINKS)
         .find(|el| el.value().attr("rel").is_some_and(|r| rel_has(r, rel)))
         .and_then(|el| el.value().attr("href").map(str::to_string))

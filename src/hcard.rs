@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::Instant;
 
-use scraper::{ElementRef, Html, Selector};
+use scraper::{ElementRef, Selector};
 use url::Url;
 
 use crate::discover::{CACHE_TTL, DiscoverError, find_endpoint};
@@ -95,7 +95,7 @@ pub async fn fetch_profile(fetcher: &Fetcher, identity: &Url) -> Result<Profile,
 /// Name and photo of the page's representative h-card: the first `h-card`
 /// whose `u-url` is the page itself, else the first `h-card`.
 pub fn hcard(base: &Url, html: &str) -> (Option<String>, Option<String>) {
-    let doc = Html::parse_document(html);
+    let doc = crate::discover::parse_page(html);
     // Only called with the constant selectors below, which parse.
     let sel = |s: &str| Selector::parse(s).expect("constant selector");
     let cards: Vec<ElementRef> = doc.select(&sel(".h-card")).collect();

@@ -402,6 +402,36 @@ async fn html_comment_only_means_no_endpoint() {
 }
 
 #[tokio::test]
+async fn a_link_inside_noscript_or_template_counts_in_document_order() {
+    // "Anywhere in the document": a server parses as a browser without
+    // scripts, for which <noscript> holds markup, not text.
+    let host = FakeHost::start();
+    host.route(
+        "/noscript",
+        Route::html(page(
+            r#"<noscript><link rel="pm" href="/in-noscript"></noscript>"#,
+            r#"<a rel="pm" href="/later">later</a>"#,
+        )),
+    );
+    host.route(
+        "/template",
+        Route::html(page(
+            "",
+            r#"<template><a rel="pm" href="/in-template">x</a></template>
+               <a rel="pm" href="/later">later</a>"#,
+        )),
+    );
+    assert_eq!(
+        endpoint(&host, "/noscript").await,
+        Some(host.url("/in-noscript").to_string())
+    );
+    assert_eq!(
+        endpoint(&host, "/template").await,
+        Some(host.url("/in-template").to_string())
+    );
+}
+
+#[tokio::test]
 async fn escaped_html_is_text_not_an_element() {
     let host = FakeHost::start();
     host.route(
