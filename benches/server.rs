@@ -16,6 +16,11 @@
 //! numbers are from a fresh ext4); `BENCH_LOG` for the servers' `RUST_LOG`
 //! (default `info`, as deployed); `BENCH_KEEP=1` keeps the folders and each
 //! server's log.
+//!
+//! On ext4 without a journal, creating files near thousands deleted in the
+//! last minute or so is slow (the kernel skips recently deleted inodes):
+//! a second run right after the first's cleanup, or after `cargo test`,
+//! measures that. Give each run a fresh folder with `BENCH_KEEP=1`.
 
 use std::collections::HashMap;
 use std::convert::Infallible;
