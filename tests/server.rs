@@ -1893,6 +1893,39 @@ fn send_takes_ids_and_text_that_start_with_a_hyphen() {
     }
 }
 
+/// `indiepm serve --config CONFIG`, its stderr piped to be read line by line.
+fn serve_piped(
+    config: &std::path::Path,
+    rust_log: Option<&str>,
+) -> (
+    std::process::Child,
+    std::io::BufReader<std::process::ChildStderr>,
+) {
+    let mut command = std::process::Command::new(common::pm::BIN);
+    command
+        .arg("serve")
+        .arg("--config")
+        .arg(config)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped());
+    if let Some(level) = rust_log {
+        command.env("RUST_LOG", level);
+    }
+    let mut child = command.spawn().unwrap();
+    let stderr = std::io::BufReader::new(child.stderr.take().unwrap());
+    (child, stderr)
+}
+
+fn sigterm(child: &std::process::Child) {
+    let pid = child.id().to_string();
+    let sent = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap();
+    assert!(sent.success(), "kill -TERM {pid}");
+}
+
 #[test]
 fn sigterm_as_soon_as_it_listens_drains_and_exits_zero() {
     // A supervisor may send SIGTERM the moment it sees `listening on`; the
@@ -1915,16 +1948,7 @@ fn sigterm_as_soon_as_it_listens_drains_and_exits_zero() {
         .collect();
     let mut failures = Vec::new();
     for round in 0..25 {
-        let mut child = std::process::Command::new(common::pm::BIN)
-            .arg("serve")
-            .arg("--config")
-            .arg(&bob.config)
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut stderr = std::io::BufReader::new(child.stderr.take().unwrap());
+        let (mut child, mut stderr) = serve_piped(&bob.config, None);
         let mut log = String::new();
         loop {
             let mut line = String::new();
@@ -1936,15 +1960,8 @@ fn sigterm_as_soon_as_it_listens_drains_and_exits_zero() {
                 break;
             }
         }
-        let pid = child.id().to_string();
         let started = Instant::now();
-        assert!(
-            std::process::Command::new("kill")
-                .args(["-TERM", &pid])
-                .status()
-                .unwrap()
-                .success()
-        );
+        sigterm(&child);
         let _ = std::io::Read::read_to_string(&mut stderr, &mut log);
         let status = child.wait().unwrap();
         assert!(started.elapsed() < Duration::from_secs(11), "{log}");
@@ -1968,27 +1985,11 @@ fn sigterm_as_soon_as_it_listens_drains_and_exits_zero() {
 fn listening_on_is_said_even_when_rust_log_hides_info() {
     use std::io::BufRead;
     let bob = Peer::offline("Bob", Opts::default());
-    let mut child = std::process::Command::new(common::pm::BIN)
-        .arg("serve")
-        .arg("--config")
-        .arg(&bob.config)
-        .env("RUST_LOG", "error")
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut stderr = std::io::BufReader::new(child.stderr.take().unwrap());
+    let (mut child, mut stderr) = serve_piped(&bob.config, Some("error"));
     let mut line = String::new();
     stderr.read_line(&mut line).unwrap();
     assert_eq!(line.trim_end(), format!("listening on {}", bob.addr));
-    assert!(
-        std::process::Command::new("kill")
-            .args(["-TERM", &child.id().to_string()])
-            .status()
-            .unwrap()
-            .success()
-    );
+    sigterm(&child);
     let mut rest = String::new();
     let _ = std::io::Read::read_to_string(&mut stderr, &mut rest);
     assert!(child.wait().unwrap().success(), "{rest}");
